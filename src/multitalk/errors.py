@@ -1,0 +1,42 @@
+"""User-facing error types shared by every layer.
+
+A :class:`UserInputError` is bad input the user can fix: the CLI prints its message on one line
+and exits with code 2, the HTTP service answers 422 with ``field`` and ``message``.
+"""
+
+from __future__ import annotations
+
+
+class MultiTalkError(Exception):
+    """Base class of every error multitalk raises on purpose."""
+
+
+class UserInputError(MultiTalkError, ValueError):
+    """Bad input: names the offending field and how to fix it."""
+
+    def __init__(self, field: str, message: str, fix: str | None = None):
+        self.field = field
+        self.message = message
+        self.fix = fix
+        text = f"{field}: {message}"
+        if fix:
+            text += f" ({fix})"
+        super().__init__(text)
+
+
+class CheckpointError(MultiTalkError, ValueError):
+    """A weight file is missing, unreadable, or does not hold what the model expects."""
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None,
+                 expected: tuple | None = None, got: tuple | None = None):
+        self.file, self.key, self.expected, self.got = file, key, expected, got
+        parts = [message]
+        if file:
+            parts.append(f"file={file}")
+        if key:
+            parts.append(f"key={key}")
+        if expected is not None:
+            parts.append(f"expected shape={tuple(expected)}")
+        if got is not None:
+            parts.append(f"got shape={tuple(got)}")
+        super().__init__("; ".join(parts))

@@ -1,0 +1,1 @@
+"""multitalk.media layer."""

@@ -1,0 +1,1 @@
+"""multitalk.models layer."""

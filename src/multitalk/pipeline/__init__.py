@@ -1,0 +1,1 @@
+"""multitalk.pipeline layer."""

@@ -1,0 +1,1 @@
+"""multitalk.ui layer."""
