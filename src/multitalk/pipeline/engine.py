@@ -1,0 +1,113 @@
+"""The loaded model stack: text, image and audio encoders, VAE and the MultiTalk DiT.
+
+``Engine.load(...)`` takes the model folders as the official README downloads them (or
+``preset="tiny"``, the project's own small random weights in the same layout) and loads every
+component through its streaming loader. An engine is loaded once and reused for many generations
+(the CLI loads one per run; the service's worker keeps one for its lifetime).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from multitalk.errors import UserInputError
+from multitalk.models.architecture import Architecture, detect_architecture
+from multitalk.runtime.placement import Placement, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    ckpt_dir: Path | None = None
+    wav2vec_dir: Path | None = None
+    multitalk_dir: Path | None = None
+    preset: str | None = None          # "tiny": write (once) and load the project's tiny weights
+    device: str = "auto"
+    dtype: str = "auto"                # DiT / T5 / CLIP compute dtype; "auto": bf16 on CUDA, fp32 on CPU
+    vae_dtype: str = "float32"
+    offload: bool = False              # onload each model only while it runs
+    fp8: bool = False                  # fp8 row-wise linears in the DiT blocks (Hopper)
+    compile: bool = False              # regional torch.compile of the DiT blocks
+    attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
+
+    def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
+        if self.preset is not None:
+            if self.preset != "tiny":
+                raise UserInputError("preset", f"unknown preset {self.preset!r}", "use --preset tiny")
+            from multitalk.models.tiny import default_tiny_dir, write_tiny_checkpoints
+
+            ckpt, w2v = write_tiny_checkpoints(default_tiny_dir())
+            return Path(ckpt), Path(w2v), None
+        if self.ckpt_dir is None:
+            raise UserInputError("ckpt_dir", "no model folder given",
+                                 "pass --ckpt-dir Wan2.1-I2V-14B-480P (and --wav2vec-dir), or --preset tiny")
+        if self.wav2vec_dir is None:
+            raise UserInputError("wav2vec_dir", "no wav2vec2 folder given",
+                                 "pass --wav2vec-dir chinese-wav2vec2-base")
+        for name, p in (("ckpt_dir", self.ckpt_dir), ("wav2vec_dir", self.wav2vec_dir),
+                        ("multitalk_dir", self.multitalk_dir)):
+            if p is not None and not Path(p).is_dir():
+                raise UserInputError(name, f"folder {p} does not exist", "check the path")
+        return Path(self.ckpt_dir), Path(self.wav2vec_dir), (
+            Path(self.multitalk_dir) if self.multitalk_dir else None)
+
+
+@dataclass
+class Engine:
+    arch: Architecture
+    text_encoder: object
+    image_encoder: object
+    vae: object
+    audio_encoder: object
+    transformer: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    placement: Placement
+    load_seconds: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> "Engine":
+        from multitalk.models.audio_encoder import AudioEncoder
+        from multitalk.models.image_encoder import ImageEncoder
+        from multitalk.models.text_encoder import TextEncoder
+        from multitalk.models.transformer import load_transformer
+        from multitalk.models.vae import WanVAE
+
+        ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        vae_dtype = resolve_dtype(config.vae_dtype, device)
+        arch = detect_architecture(ckpt_dir)
+        placement = Placement(device, offload=config.offload)
+        # With offload, models live on the CPU and are onloaded per use.
+        home = torch.device("cpu") if placement.offload else device
+        timings = {}
+
+        def timed(name, fn):
+            t0 = time.perf_counter()
+            out = fn()
+            timings[name] = time.perf_counter() - t0
+            log.info("loaded %s in %.1fs", name, timings[name])
+            return out
+
+        text = timed("text_encoder", lambda: TextEncoder.from_checkpoint(ckpt_dir, arch, device=home, dtype=dtype))
+        image = timed("image_encoder", lambda: ImageEncoder.from_checkpoint(ckpt_dir, arch, device=home, dtype=dtype))
+        vae = timed("vae", lambda: WanVAE.from_checkpoint(ckpt_dir, arch, device=home, dtype=vae_dtype))
+        audio = timed("audio_encoder", lambda: AudioEncoder.from_pretrained(w2v_dir, device=home, dtype=torch.float32))
+        dit = timed("transformer", lambda: load_transformer(ckpt_dir, mt_dir, arch, device=home, dtype=dtype))
+        dit.eval().requires_grad_(False)
+        if config.fp8:
+            from multitalk.runtime.fp8 import quantize_linears_fp8
+
+            quantize_linears_fp8(dit)
+        if config.attention_backend:
+            dit.set_attention_backend(config.attention_backend)
+        if config.compile:
+            dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
+        return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings)

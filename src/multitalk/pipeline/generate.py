@@ -1,0 +1,231 @@
+"""Image + speech + prompt -> video frames, the official MultiTalk sampler with its bugs fixed.
+
+``generate(engine, spec, params, on_frames=...)`` prepares the conditions once (speech arrays and
+their wav2vec2 embeddings, text contexts, the bucketed reference image, speaker masks), then samples
+clip after clip (streaming) and hands each clip's *new* frames to ``on_frames`` as soon as it is
+decoded, so a long video never sits in host memory. Deliberate differences from the official script
+are listed in the README ("Differences from the official script").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from multitalk.errors import MultiTalkError, UserInputError
+from multitalk.media.audio import combine_speakers, load_speech, num_video_frames
+from multitalk.media.image import (choose_bucket, cond_image_from_uint8, load_image,
+                                   resize_and_center_crop)
+from multitalk.pipeline.clips import plan_clips
+from multitalk.pipeline.color import match_and_blend_colors
+from multitalk.pipeline.conditioning import (frame_mask, motion_latent_frames,
+                                             padded_condition_video, renoise)
+from multitalk.pipeline.engine import Engine
+from multitalk.pipeline.guidance import GuidanceState
+from multitalk.pipeline.inputs import GenerationParams, InputSpec
+from multitalk.pipeline.schedule import sample_timesteps
+from multitalk.pipeline.speakers import speaker_masks
+from multitalk.pipeline.teacache import TeaCache
+
+log = logging.getLogger(__name__)
+
+FPS = 25
+SAMPLE_RATE = 16000
+
+
+class GenerationCancelled(MultiTalkError):
+    """Raised between sampling steps when the caller's ``should_cancel()`` answers True."""
+
+
+@dataclass
+class Progress:
+    stage: str
+    clip: int = 0
+    num_clips: int = 0
+    step: int = 0
+    num_steps: int = 0
+    fraction: float = 0.0
+    eta_s: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "clip": {"i": self.clip, "n": self.num_clips},
+                "step": {"i": self.step, "n": self.num_steps}, "progress": round(self.fraction, 4),
+                "eta_s": None if self.eta_s is None else round(self.eta_s, 1)}
+
+
+@dataclass
+class Conditions:
+    """Everything computed once per generation."""
+
+    speech: list[np.ndarray]              # per speaker, 16 kHz, loudness-normalised (after add/para)
+    mix: np.ndarray                       # what the video's sound track plays
+    audio_embs: list[torch.Tensor]        # per speaker [F, L, C] on CPU, float32
+    num_audio_frames: int
+    context: torch.Tensor                 # [L, text_dim]
+    context_null: torch.Tensor
+    cond_image: torch.Tensor              # [3, 1, H, W] in [-1, 1]
+    ref_masks: torch.Tensor               # [3, H/8, W/8]
+    height: int
+    width: int
+
+
+@dataclass
+class GenerationResult:
+    frames: int
+    width: int
+    height: int
+    fps: int
+    seed: int
+    duration_s: float
+    num_clips: int
+    audio: np.ndarray = field(repr=False, default=None)
+    timings: dict = field(default_factory=dict)
+
+
+def prepare_conditions(engine: Engine, spec: InputSpec, params: GenerationParams) -> Conditions:
+    persons = spec.speaker_paths()
+    tracks = [load_speech(path, field=f"cond_audio.person{i + 1}") for i, path in enumerate(persons)]
+    if len(tracks) == 2:
+        s1, s2, mix = combine_speakers(tracks[0], tracks[1], spec.audio_type)
+        # 'add': each speaker's track is silent while the other talks (official arrays).
+        # 'para': each speaker is embedded as recorded (as the official does); a shorter track is
+        # padded in the sound mix and its embedding is extended by the clip plan, never a crash.
+        speech = [s1, s2] if spec.audio_type == "add" else [tracks[0], tracks[1]]
+    else:
+        speech, mix = [tracks[0]], tracks[0]
+    with engine.placement.use(engine.audio_encoder.model):
+        embs = [engine.audio_encoder.embed(s, fps=FPS, field=f"cond_audio.person{i + 1}").float().cpu()
+                for i, s in enumerate(speech)]
+    num_audio_frames = embs[0].shape[0]
+
+    n_prompt = params.n_prompt or engine.arch.sample_neg_prompt
+    with engine.placement.use(engine.text_encoder.model):
+        context, context_null = engine.text_encoder.encode([spec.prompt, n_prompt])
+
+    img = load_image(spec.cond_image, field="cond_image")
+    src_h, src_w = img.height, img.width
+    th, tw = choose_bucket(src_h, src_w, params.size)
+    cond_image = cond_image_from_uint8(resize_and_center_crop(img, th, tw))  # [3, H, W] float
+    if cond_image.dim() == 3:
+        cond_image = cond_image[:, None]
+    masks = speaker_masks(src_h, src_w, th, tw, num_speakers=len(speech), bbox=spec.bbox_dict())
+    return Conditions(speech, mix, embs, num_audio_frames, context, context_null, cond_image, masks, th, tw)
+
+
+def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
+             on_frames: Callable[[torch.Tensor], None],
+             progress: Callable[[Progress], None] | None = None,
+             should_cancel: Callable[[], bool] | None = None,
+             conditions: Conditions | None = None) -> GenerationResult:
+    """Sample the video; ``on_frames([3, n, H, W] float32 in [-1,1])`` receives new frames per clip."""
+    t_start = time.perf_counter()
+    report = progress or (lambda p: None)
+    cancelled = should_cancel or (lambda: False)
+    report(Progress("conditioning"))
+    cond = conditions or prepare_conditions(engine, spec, params)
+    timings = {"conditioning_s": time.perf_counter() - t_start}
+
+    device, dtype = engine.device, engine.dtype
+    arch = engine.arch
+    frame_num, motion_frame = params.frame_num, params.motion_frame
+    plan = plan_clips([e.shape[0] for e in cond.audio_embs], frame_num=frame_num, motion_frame=motion_frame,
+                      mode=params.mode, max_frames=params.max_frames, official=params.official_trim)
+    audio_embs = plan.pad_embeddings(cond.audio_embs)
+    steps = params.sample_steps
+    timesteps = [t.to(device) for t in sample_timesteps(steps, params.shift, arch.num_train_timesteps)]
+    lat_h, lat_w = cond.height // arch.vae_stride[1], cond.width // arch.vae_stride[2]
+    t_lat = (frame_num - 1) // arch.vae_stride[0] + 1
+
+    seed = params.seed
+    torch.manual_seed(seed)  # the official draws everything after this single seeding
+    context = cond.context.to(device, dtype)
+    context_null = cond.context_null.to(device, dtype)
+    ref_masks = cond.ref_masks.to(device)
+    reference = cond.cond_image.to(device)          # colour-correction reference (first clip's frame)
+    cond_frames = reference                         # [3, n_cond, H, W]
+    guidance_branches = GuidanceState(params).num_branches
+    teacache = (TeaCache(steps, params.teacache_thresh, params.size, branches=guidance_branches)
+                if params.use_teacache else None)
+    dit = engine.transformer
+    written = 0
+    n_clips = len(plan.clips)
+    t_loop = time.perf_counter()
+    done_steps = 0
+    total_steps = n_clips * steps
+
+    for ci, clip in enumerate(plan.clips):
+        first = ci == 0
+        n_cond = clip.cond_frames
+        audio = plan.audio_windows(audio_embs, clip).to(device, dtype)
+        noise = torch.randn(16, t_lat, lat_h, lat_w, dtype=torch.float32, device=device)
+        with torch.no_grad():
+            with engine.placement.use(engine.image_encoder):
+                clip_fea = engine.image_encoder.encode(cond_frames[:, -1]).to(device, dtype)
+            with engine.placement.use(engine.vae):
+                y_lat = engine.vae.encode(padded_condition_video(cond_frames, frame_num).to(device)).to(device)
+            latent_motion = y_lat[:, :motion_latent_frames(n_cond)].float()
+            msk = frame_mask(frame_num, n_cond, lat_h, lat_w, device=device)
+            y = torch.cat([msk, y_lat[None]], dim=1).to(dtype)
+
+            latent = noise
+            if not first:
+                latent[:, :latent_motion.shape[1]] = renoise(latent_motion, timesteps[0])
+            guidance = GuidanceState(params)
+            zero_audio = torch.zeros_like(audio)[-1:]
+            branches = guidance.branches(context, context_null, audio, zero_audio)
+            if teacache is not None:
+                teacache.start_clip()
+            with engine.placement.use(dit):
+                for i in range(steps):
+                    if cancelled():
+                        raise GenerationCancelled("cancelled")
+                    t = timesteps[i]
+                    x_in = latent.to(dtype)[None]
+                    preds = []
+                    for b, (ctx, aud) in enumerate(branches):
+                        preds.append(_dit_call(dit, x_in, t, ctx, clip_fea, y, aud, ref_masks,
+                                               teacache, b).float()[0])
+                    noise_pred = guidance.combine(preds)
+                    dt = (timesteps[i] - timesteps[i + 1]) / arch.num_train_timesteps
+                    latent = latent - noise_pred * dt
+                    if not first:
+                        latent[:, :latent_motion.shape[1]] = renoise(latent_motion, timesteps[i + 1])
+                    done_steps += 1
+                    elapsed = time.perf_counter() - t_loop
+                    eta = elapsed / done_steps * (total_steps - done_steps)
+                    report(Progress("sampling", ci + 1, n_clips, i + 1, steps, done_steps / total_steps, eta))
+            report(Progress("decoding", ci + 1, n_clips, steps, steps, done_steps / total_steps))
+            with engine.placement.use(engine.vae):
+                video = engine.vae.decode(latent).float()            # [3, frame_num, H, W]
+            if params.color_correction_strength > 0:
+                video = match_and_blend_colors(video[None], reference[None], params.color_correction_strength)[0]
+        new = video[:, clip.keep_from:]
+        keep = min(new.shape[1], plan.total_frames - written)
+        if keep > 0:
+            on_frames(new[:, :keep].cpu())
+            written += keep
+        cond_frames = video[:, -motion_frame:].to(device)
+    timings["sampling_s"] = time.perf_counter() - t_loop
+    mix = cond.mix[: int(round(written / FPS * SAMPLE_RATE))]
+    return GenerationResult(written, cond.width, cond.height, FPS, seed, written / FPS, n_clips, mix, timings)
+
+
+def _dit_call(dit, x, t, context, clip_fea, y, audio, ref_masks, teacache, branch):
+    kwargs = dict(hidden_states=x, timestep=t, encoder_hidden_states=[context],
+                  encoder_hidden_states_image=clip_fea, y=y, audio=audio, ref_target_masks=ref_masks)
+    if teacache is None:
+        return dit(**kwargs)
+    state = dit.prepare(**kwargs)
+    if teacache.should_compute(branch, state.timestep_proj):
+        hidden_in = state.hidden_states
+        hidden = dit.run_blocks(state)
+        teacache.store_residual(branch, hidden - hidden_in)
+    else:
+        hidden = teacache.apply(branch, state.hidden_states)
+    return dit.finish(state, hidden)
