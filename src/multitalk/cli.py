@@ -141,6 +141,11 @@ def generate(
         if preset is None and ckpt_dir is None:
             raise UserInputError("ckpt_dir", "no model weights given",
                                  "pass --ckpt-dir and --wav2vec-dir (official folders), or --preset tiny")
+        from multitalk.pipeline.generate import prepare_media
+        from multitalk.pipeline.render import check_output_path
+
+        check_output_path(target)
+        media = prepare_media(spec, params)  # every input problem surfaces before models load
         config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
                               preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
                               compile=compile)
@@ -149,7 +154,8 @@ def generate(
             engine = Engine.load(config)
         err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, {engine.dtype})")
         with ProgressView(console=err, enabled=not quiet) as view:
-            result = render(engine, spec, params, target, save_tensor=save_tensor, progress=view.update)
+            result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
+                            progress=view.update)
         out.print(f"wrote {target} ({result.frames} frames, {result.width}x{result.height}, "
                   f"{result.duration_s:.2f}s, seed {result.seed}) in {time.perf_counter() - t0:.1f}s")
 

@@ -88,9 +88,27 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)
 
 
-def prepare_conditions(engine: Engine, spec: InputSpec, params: GenerationParams) -> Conditions:
-    persons = spec.speaker_paths()
-    tracks = [load_speech(path, field=f"cond_audio.person{i + 1}") for i, path in enumerate(persons)]
+@dataclass
+class Media:
+    """The decoded inputs, checked before any model is loaded (fast, clear errors)."""
+
+    speech: list[np.ndarray]
+    mix: np.ndarray
+    cond_image: torch.Tensor              # [3, 1, H, W] in [-1, 1]
+    ref_masks: torch.Tensor
+    height: int
+    width: int
+
+
+def prepare_media(spec: InputSpec, params: GenerationParams) -> Media:
+    """Decode and validate the image, speech tracks and boxes (no model needed)."""
+    img = load_image(spec.cond_image, field="cond_image")
+    src_h, src_w = img.height, img.width
+    th, tw = choose_bucket(src_h, src_w, params.size)
+    masks = speaker_masks(src_h, src_w, th, tw, num_speakers=spec.num_speakers, bbox=spec.bbox_dict(),
+                          face_scale=params.face_scale)
+    cond_image = cond_image_from_uint8(resize_and_center_crop(img, th, tw))[:, None]  # [3, 1, H, W]
+    tracks = [load_speech(path, field=f"cond_audio.person{i + 1}") for i, path in enumerate(spec.speaker_paths())]
     if len(tracks) == 2:
         s1, s2, mix = combine_speakers(tracks[0], tracks[1], spec.audio_type)
         # 'add': each speaker's track is silent while the other talks (official arrays).
@@ -99,23 +117,24 @@ def prepare_conditions(engine: Engine, spec: InputSpec, params: GenerationParams
         speech = [s1, s2] if spec.audio_type == "add" else [tracks[0], tracks[1]]
     else:
         speech, mix = [tracks[0]], tracks[0]
+    for i, s in enumerate(speech):
+        if num_video_frames(len(s), FPS, SAMPLE_RATE) < 1:
+            raise UserInputError(f"cond_audio.person{i + 1}", "the track is shorter than one video frame (40 ms)",
+                                 "give at least a fraction of a second of speech")
+    return Media(speech, mix, cond_image, masks, th, tw)
+
+
+def prepare_conditions(engine: Engine, spec: InputSpec, params: GenerationParams,
+                       media: Media | None = None) -> Conditions:
+    media = media or prepare_media(spec, params)
     with engine.placement.use(engine.audio_encoder.model):
         embs = [engine.audio_encoder.embed(s, fps=FPS, field=f"cond_audio.person{i + 1}").float().cpu()
-                for i, s in enumerate(speech)]
-    num_audio_frames = embs[0].shape[0]
-
+                for i, s in enumerate(media.speech)]
     n_prompt = params.n_prompt or engine.arch.sample_neg_prompt
     with engine.placement.use(engine.text_encoder.model):
         context, context_null = engine.text_encoder.encode([spec.prompt, n_prompt])
-
-    img = load_image(spec.cond_image, field="cond_image")
-    src_h, src_w = img.height, img.width
-    th, tw = choose_bucket(src_h, src_w, params.size)
-    cond_image = cond_image_from_uint8(resize_and_center_crop(img, th, tw))  # [3, H, W] float
-    if cond_image.dim() == 3:
-        cond_image = cond_image[:, None]
-    masks = speaker_masks(src_h, src_w, th, tw, num_speakers=len(speech), bbox=spec.bbox_dict())
-    return Conditions(speech, mix, embs, num_audio_frames, context, context_null, cond_image, masks, th, tw)
+    return Conditions(media.speech, media.mix, embs, max(e.shape[0] for e in embs), context, context_null,
+                      media.cond_image, media.ref_masks, media.height, media.width)
 
 
 def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,

@@ -15,7 +15,7 @@ import torch
 from multitalk.errors import UserInputError
 from multitalk.media.video import Mp4Writer
 from multitalk.pipeline.engine import Engine
-from multitalk.pipeline.generate import (FPS, SAMPLE_RATE, GenerationResult, Progress, generate,
+from multitalk.pipeline.generate import (FPS, SAMPLE_RATE, GenerationResult, Media, Progress, generate,
                                          prepare_conditions)
 from multitalk.pipeline.inputs import GenerationParams, InputSpec
 
@@ -36,7 +36,7 @@ def check_output_path(out: Path, field: str = "out") -> Path:
 
 
 def render(engine: Engine, spec: InputSpec, params: GenerationParams, out: Path, *,
-           save_tensor: Path | None = None,
+           save_tensor: Path | None = None, media: Media | None = None,
            progress: Callable[[Progress], None] | None = None,
            should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
     out = check_output_path(out)
@@ -45,7 +45,7 @@ def render(engine: Engine, spec: InputSpec, params: GenerationParams, out: Path,
         check_output_path(save_tensor.with_suffix(".mp4"), field="save_tensor")
     if progress:
         progress(Progress("conditioning"))
-    cond = prepare_conditions(engine, spec, params)
+    cond = prepare_conditions(engine, spec, params, media)
     kept: list[torch.Tensor] = []
     with Mp4Writer(out, width=cond.width, height=cond.height, fps=FPS, audio=cond.mix,
                    sample_rate=SAMPLE_RATE) as writer:
