@@ -55,7 +55,7 @@ import flops as flop_count  # noqa: E402  (benchmarks/flops.py)
 
 from multitalk.models.architecture import FULL_14B, TINY, Architecture  # noqa: E402
 
-SECTIONS = ("ceilings", "forward", "teacache", "fp8", "baseline", "clip4", "compile")
+SECTIONS = ("ceilings", "forward", "teacache", "fp8", "baseline", "compile", "compiled_extra", "clip4")
 NAN = float("nan")
 GIB = 2**30
 
@@ -384,7 +384,7 @@ def build_engine(s: Setting, dit, seed: int = 11):
     from multitalk.models.text_encoder import TextEncoder, build_umt5_on_meta, load_t5_tokenizer, load_t5_weights
     from multitalk.models.vae import WanVAE, build_vae_model, load_vae_weights
     from multitalk.pipeline.engine import Engine
-    from multitalk.runtime.placement import Placement
+    from multitalk.runtime.placement import Placement, resolve_dtype
 
     arch, dev = s.arch, s.device
     seconds = {}
@@ -418,7 +418,7 @@ def build_engine(s: Setting, dit, seed: int = 11):
     def vae():
         model = build_on_meta(lambda: build_vae_model(arch.vae))
         load_vae_weights(model, random_items("vae", tiny.vae_key_shapes(arch.vae), dev, seed + 4), arch.vae,
-                         device=dev, dtype=torch.float32)
+                         device=dev, dtype=resolve_dtype("auto", dev))  # the Engine's default VAE dtype
         return WanVAE(model, arch.vae)
 
     def audio():
@@ -827,9 +827,82 @@ def section_compile(b: Bench) -> None:
                  compiled_over_eager=_ratio(stats["median_s"], b.report.data["forward_bf16_1spk_s"]))
 
 
+def kernel_breakdown(fn: Callable[[], object]) -> dict:
+    """CUDA kernel time of one call, by class: GEMM, attention, other (seconds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = {"gemm_s": 0.0, "attention_s": 0.0, "other_s": 0.0}
+    top = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e6
+        if t <= 0:
+            continue
+        name = evt.key.lower()
+        if any(k in name for k in ("gemm", "nvjet", "xmma", "cutlass", "scaled_mm", "matmul", "f8f8")):
+            out["gemm_s"] += t
+        elif any(k in name for k in ("cudnn", "fmha", "flash", "attention", "sdpa")):
+            out["attention_s"] += t
+        else:
+            out["other_s"] += t
+        top.append((t, evt.key[:120]))
+    out["top"] = [{"s": round(t, 4), "kernel": k} for t, k in sorted(top, reverse=True)[:25]]
+    return out
+
+
+def section_compiled_extra(b: Bench) -> None:
+    """After ``compile``: 2 speakers compiled, a kernel breakdown, and fp8 variants compiled."""
+    from multitalk.runtime.fp8 import quantize_linears_fp8
+
+    s, sec = b.setting, b.report.section("compiled_extra")
+    model = b.get_dit()
+    one, two = dit_inputs(s, 1), dit_inputs(s, 2)
+    if s.device.type == "cuda":
+        with torch.no_grad():
+            sec["breakdown_1spk"] = kernel_breakdown(lambda: model(**one))
+        b.report.save()
+    with torch.no_grad():
+        model(**two)  # compile the 2-speaker graph
+    stats, out = b.timed_forward(model, two, "forward bf16 2spk compiled", warm=True)
+    del out
+    sec["bf16_2spk"] = stats
+    b.report.set(forward_bf16_2spk_compiled_s=stats["median_s"])
+    if b.ref_out is None:
+        with torch.no_grad():
+            b.ref_out = model(**one).float()
+    variants = {
+        "ffn": lambda n, m: n.startswith("blocks.") and ".ffn." in n and m.in_features % 16 == 0,
+        "all": fp8_filter(s.tiny),
+    }
+    for label, include in variants.items():
+        originals = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and include(n, m)}
+        try:
+            sec[f"fp8_{label}_quantized"] = quantize_linears_fp8(model, include=include, out_dtype=s.dtype)
+            with torch.no_grad():
+                out = model(**one)  # recompile with the fp8 linears
+            err = rel_l2(out.float(), b.ref_out)
+            del out
+            stats, out = b.timed_forward(model, one, f"forward fp8[{label}] 1spk compiled", warm=True)
+            del out
+            sec[f"fp8_{label}_1spk"] = dict(stats, rel_err=err)
+            b.log(f"fp8[{label}] compiled: {stats['median_s']:.3f}s, rel err {err:.4f}")
+            b.report.save()
+        except Skipped:
+            raise
+        except Exception as exc:
+            sec[f"fp8_{label}_error"] = f"{type(exc).__name__}: {exc}"[:800]
+        finally:
+            for name, module in originals.items():
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf, module)
+            free_memory(s.device)
+
+
 SECTION_FUNCS = {"ceilings": section_ceilings, "forward": section_forward, "teacache": section_teacache,
                  "fp8": section_fp8, "baseline": section_baseline, "clip4": section_clip4,
-                 "compile": section_compile}
+                 "compile": section_compile, "compiled_extra": section_compiled_extra}
 
 
 def run_section(b: Bench, name: str) -> None:
@@ -891,7 +964,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=510.0,
                    help="wall-clock budget: later sections/variants that would not fit are skipped")
     args = p.parse_args(argv)
-    default = [x for x in SECTIONS if not (args.tiny_cpu and x == "compile")]
+    default = [x for x in SECTIONS if not (args.tiny_cpu and x in ("compile", "compiled_extra"))]
     wanted = default if args.sections is None else [x.strip() for x in args.sections.split(",") if x.strip()]
     unknown = sorted(set(wanted) - set(SECTIONS))
     if unknown:

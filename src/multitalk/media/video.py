@@ -88,7 +88,7 @@ class Mp4Writer:
         self._video.width, self._video.height = self.width, self.height
         self._video.pix_fmt = "yuv420p"
         self._video.codec_context.time_base = Fraction(1, self.fps)
-        self._video.options = {"crf": str(crf), "preset": "medium"} if self._video.name == "libx264" else {}
+        self._video.options = {"crf": str(crf), "preset": "veryfast"} if self._video.name == "libx264" else {}
         self._audio = None
         if audio is not None:
             samples = np.asarray(audio, dtype=np.float32)

@@ -17,7 +17,7 @@ import torch
 
 from multitalk.errors import UserInputError
 from multitalk.models.architecture import Architecture, detect_architecture
-from multitalk.runtime.placement import Placement, resolve_device, resolve_dtype
+from multitalk.runtime.placement import Placement, configure_backends, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,10 @@ class EngineConfig:
     preset: str | None = None          # "tiny": write (once) and load the project's tiny weights
     device: str = "auto"
     dtype: str = "auto"                # DiT / T5 / CLIP compute dtype; "auto": bf16 on CUDA, fp32 on CPU
-    vae_dtype: str = "float32"
+    vae_dtype: str = "auto"            # "auto": bf16 on CUDA (like the DiT), fp32 on CPU
     offload: bool = False              # onload each model only while it runs
     fp8: bool = False                  # fp8 row-wise linears in the DiT blocks (Hopper)
-    compile: bool = False              # regional torch.compile of the DiT blocks
+    compile: bool | None = None        # regional torch.compile of the DiT blocks; None: on for CUDA
     attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
 
     def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
@@ -85,6 +85,7 @@ class Engine:
         vae_dtype = resolve_dtype(config.vae_dtype, device)
         arch = detect_architecture(ckpt_dir)
         placement = Placement(device, offload=config.offload)
+        configure_backends(device)
         # With offload, models live on the CPU and are onloaded per use.
         home = torch.device("cpu") if placement.offload else device
         timings = {}
@@ -108,6 +109,6 @@ class Engine:
             quantize_linears_fp8(dit)
         if config.attention_backend:
             dit.set_attention_backend(config.attention_backend)
-        if config.compile:
+        if config.compile or (config.compile is None and device.type == "cuda"):
             dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
         return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings)

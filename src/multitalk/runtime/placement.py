@@ -41,6 +41,13 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
     return table[name]
 
 
+def configure_backends(device: torch.device) -> None:
+    """Process-wide CUDA settings that pay for MultiTalk's fixed shapes (cuDNN autotuning of the
+    VAE's 3-D convolutions; TF32 only affects float32 matmuls, which the bf16 path does not run)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 class Placement:
     def __init__(self, device: torch.device, offload: bool = False):
         self.device = device

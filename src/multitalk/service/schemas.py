@@ -1,0 +1,181 @@
+"""HTTP request/response models (they are also the OpenAPI schema).
+
+Input fields follow the official input json (``prompt``, ``cond_image``, ``cond_audio``,
+``audio_type``, ``bbox``) with media given as URIs; ``params`` holds every generation option
+under the names of ``generate_multitalk.py`` (defaults are the official ones).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PERSONS = ("person1", "person2")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerationParams(_Strict):
+    size: Literal["multitalk-480", "multitalk-720"] = "multitalk-480"
+    frame_num: int = Field(81, ge=5, le=1001, description="frames per clip, 4n+1")
+    motion_frame: int = Field(25, ge=1, description="frames carried into the next clip (streaming)")
+    mode: Literal["clip", "streaming"] = "clip"
+    sample_steps: int = Field(40, ge=1, le=1000)
+    sample_shift: float | None = Field(None, gt=0, le=100,
+                                       description="None: 7 for multitalk-480, 11 for multitalk-720")
+    text_guide_scale: float = Field(5.0, ge=0, le=50)
+    audio_guide_scale: float = Field(4.0, ge=0, le=50)
+    seed: int = Field(42, ge=-1, le=2**32 - 1, description="-1: random (the result reports it)")
+    use_teacache: bool = False
+    teacache_thresh: float = Field(0.2, gt=0, le=5)
+    use_apg: bool = False
+    apg_momentum: float = Field(-0.75, ge=-1, le=1)
+    apg_norm_threshold: float = Field(55.0, gt=0)
+    color_correction_strength: float = Field(1.0, ge=0, le=1)
+    max_frames: int = Field(1000, ge=5, le=100_000, description="streaming: cut the video here")
+
+    @field_validator("frame_num")
+    @classmethod
+    def _four_n_plus_one(cls, v: int) -> int:
+        if (v - 1) % 4:
+            raise ValueError(f"frame_num must be 4n+1 (e.g. {4 * ((v - 1) // 4) + 1} or "
+                             f"{4 * ((v - 1) // 4 + 1) + 1}), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GenerationParams":
+        if self.motion_frame >= self.frame_num:
+            raise ValueError(f"motion_frame ({self.motion_frame}) must be smaller than "
+                             f"frame_num ({self.frame_num})")
+        if self.mode == "streaming" and self.max_frames < self.frame_num:
+            raise ValueError(f"max_frames ({self.max_frames}) must be at least frame_num "
+                             f"({self.frame_num}) in streaming mode")
+        return self
+
+
+class CondAudio(_Strict):
+    person1: str = Field(..., min_length=1, max_length=4096)
+    person2: str | None = Field(None, min_length=1, max_length=4096)
+
+
+class BBoxes(_Strict):
+    person1: list[float] = Field(..., min_length=4, max_length=4,
+                                 description="[x_min, y_min, x_max, y_max] in source pixels")
+    person2: list[float] | None = Field(None, min_length=4, max_length=4)
+
+    @field_validator("person1", "person2")
+    @classmethod
+    def _ordered(cls, v):
+        if v is not None:
+            x0, y0, x1, y1 = v
+            if min(v) < 0 or x1 <= x0 or y1 <= y0:
+                raise ValueError("bbox must be [x_min, y_min, x_max, y_max] with min < max, >= 0")
+        return v
+
+
+class JobRequest(_Strict):
+    prompt: str = Field(..., min_length=1, max_length=10_000)
+    cond_image: str = Field(..., min_length=1, max_length=4096,
+                            description="s3://, https://, upload:// (from /v1/files) or a "
+                                        "server-local path when the server allows it")
+    cond_audio: CondAudio
+    audio_type: Literal["add", "para"] | None = Field(
+        None, description="two persons: 'add' (one after the other) or 'para' (together)")
+    bbox: BBoxes | None = None
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    output: str | None = Field(None, max_length=4096,
+                               description="output URI prefix (s3://bucket/prefix); default: server's")
+    webhook_url: str | None = Field(None, max_length=4096)
+
+    @model_validator(mode="after")
+    def _persons(self) -> "JobRequest":
+        two = self.cond_audio.person2 is not None
+        if two and self.audio_type is None:
+            self.audio_type = "add"
+        if self.bbox is not None and (self.bbox.person2 is not None) != two:
+            raise ValueError("bbox must name exactly the persons of cond_audio")
+        return self
+
+    def media(self) -> dict[str, str]:
+        """Field path -> URI of every input medium."""
+        out = {"cond_image": self.cond_image, "cond_audio.person1": self.cond_audio.person1}
+        if self.cond_audio.person2 is not None:
+            out["cond_audio.person2"] = self.cond_audio.person2
+        return out
+
+
+class Fraction(BaseModel):
+    i: int
+    n: int
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+    hint: str | None = None
+
+
+class JobResult(BaseModel):
+    video_uri: str
+    download_url: str | None = None
+    frames: int
+    duration_s: float
+    width: int
+    height: int
+    seed: int
+
+
+class Job(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float = 0.0
+    stage: str | None = None
+    clip: Fraction | None = None
+    step: Fraction | None = None
+    eta_s: float | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    error: JobError | None = None
+    result: JobResult | None = None
+    webhook: dict | None = None
+    request: dict | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None = None
+
+
+class UploadedFile(BaseModel):
+    uri: str
+    size: int
+    filename: str | None = None
+
+
+class FieldProblem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+    fix: str | None = None
+
+
+class ValidationProblem(BaseModel):
+    detail: list[FieldProblem]
+
+
+_INTERNAL = ("seq", "lease_owner")
+
+
+def job_document(job: dict, download_url: str | None) -> dict:
+    """The public JSON of a stored job (GET /v1/jobs/{id}, webhooks)."""
+    doc = {k: v for k, v in job.items() if k not in _INTERNAL}
+    if doc.get("result"):
+        doc["result"] = dict(doc["result"], download_url=download_url)
+    return Job.model_validate(doc).model_dump(mode="json")
