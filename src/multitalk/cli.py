@@ -240,6 +240,69 @@ def weights_make_tiny(
     _run_guarded(run)
 
 
+def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype) -> dict:
+    if preset is None and ckpt_dir is None:
+        raise UserInputError("ckpt_dir", "no model weights given",
+                             "pass --ckpt-dir and --wav2vec-dir (official folders), or --preset tiny")
+    opts = {"preset": preset, "device": device, "dtype": dtype}
+    for key, value in (("ckpt_dir", ckpt_dir), ("wav2vec_dir", wav2vec_dir), ("multitalk_dir", multitalk_dir)):
+        if value is not None:
+            opts[key] = str(value)
+    return opts
+
+
+@app.command()
+def serve(
+    host: str = _opt("127.0.0.1", "--host", help="Bind address (non-loopback needs MULTITALK_API_TOKENS)."),
+    port: int = _opt(8000, "--port", help="TCP port."),
+    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="Job store, uploads and outputs."),
+    preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
+    ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
+    multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
+    wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
+    device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
+    dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    debug: bool = _opt(False, "--debug", help="Show tracebacks."),
+):
+    """HTTP job API with one in-process worker (models loaded once)."""
+    global _DEBUG
+    _DEBUG = debug
+
+    def run():
+        from multitalk.service.cli_commands import serve as serve_api
+
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
+        serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts)
+
+    _run_guarded(run)
+
+
+@app.command()
+def worker(
+    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="The same data dir as the server's."),
+    preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
+    ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
+    multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
+    wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
+    device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
+    dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    max_jobs: Optional[int] = _opt(None, "--max-jobs", help="Exit after N jobs."),
+    debug: bool = _opt(False, "--debug", help="Show tracebacks."),
+):
+    """An extra worker process against the server's job store."""
+    global _DEBUG
+    _DEBUG = debug
+
+    def run():
+        from multitalk.service.cli_commands import worker as run_worker
+
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
+        n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs)
+        out.print(f"worker processed {n} jobs")
+
+    _run_guarded(run)
+
+
 def main() -> None:
     app()
 

@@ -40,3 +40,7 @@ class CheckpointError(MultiTalkError, ValueError):
         if got is not None:
             parts.append(f"got shape={tuple(got)}")
         super().__init__("; ".join(parts))
+
+
+class JobCancelled(MultiTalkError):
+    """A generation stopped because its caller asked it to (checked between sampling steps)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from multitalk.errors import MultiTalkError, UserInputError
+from multitalk.errors import JobCancelled, UserInputError
 from multitalk.media.audio import combine_speakers, load_speech, num_video_frames
 from multitalk.media.image import (choose_bucket, cond_image_from_uint8, load_image,
                                    resize_and_center_crop)
@@ -39,8 +39,7 @@ FPS = 25
 SAMPLE_RATE = 16000
 
 
-class GenerationCancelled(MultiTalkError):
-    """Raised between sampling steps when the caller's ``should_cancel()`` answers True."""
+GenerationCancelled = JobCancelled  # raised between sampling steps when ``should_cancel()`` is True
 
 
 @dataclass

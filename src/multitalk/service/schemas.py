@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from multitalk.pipeline.inputs import GenerationParams
+
 PERSONS = ("person1", "person2")
 
 
@@ -18,42 +20,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GenerationParams(_Strict):
-    size: Literal["multitalk-480", "multitalk-720"] = "multitalk-480"
-    frame_num: int = Field(81, ge=5, le=1001, description="frames per clip, 4n+1")
-    motion_frame: int = Field(25, ge=1, description="frames carried into the next clip (streaming)")
-    mode: Literal["clip", "streaming"] = "clip"
-    sample_steps: int = Field(40, ge=1, le=1000)
-    sample_shift: float | None = Field(None, gt=0, le=100,
-                                       description="None: 7 for multitalk-480, 11 for multitalk-720")
-    text_guide_scale: float = Field(5.0, ge=0, le=50)
-    audio_guide_scale: float = Field(4.0, ge=0, le=50)
-    seed: int = Field(42, ge=-1, le=2**32 - 1, description="-1: random (the result reports it)")
-    use_teacache: bool = False
-    teacache_thresh: float = Field(0.2, gt=0, le=5)
-    use_apg: bool = False
-    apg_momentum: float = Field(-0.75, ge=-1, le=1)
-    apg_norm_threshold: float = Field(55.0, gt=0)
-    color_correction_strength: float = Field(1.0, ge=0, le=1)
-    max_frames: int = Field(1000, ge=5, le=100_000, description="streaming: cut the video here")
-
-    @field_validator("frame_num")
-    @classmethod
-    def _four_n_plus_one(cls, v: int) -> int:
-        if (v - 1) % 4:
-            raise ValueError(f"frame_num must be 4n+1 (e.g. {4 * ((v - 1) // 4) + 1} or "
-                             f"{4 * ((v - 1) // 4 + 1) + 1}), got {v}")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "GenerationParams":
-        if self.motion_frame >= self.frame_num:
-            raise ValueError(f"motion_frame ({self.motion_frame}) must be smaller than "
-                             f"frame_num ({self.frame_num})")
-        if self.mode == "streaming" and self.max_frames < self.frame_num:
-            raise ValueError(f"max_frames ({self.max_frames}) must be at least frame_num "
-                             f"({self.frame_num}) in streaming mode")
-        return self
+# Every generation option, validated exactly as the CLI validates it (one definition).
+__all__ = ["GenerationParams"]
 
 
 class CondAudio(_Strict):
@@ -63,7 +31,7 @@ class CondAudio(_Strict):
 
 class BBoxes(_Strict):
     person1: list[float] = Field(..., min_length=4, max_length=4,
-                                 description="[x_min, y_min, x_max, y_max] in source pixels")
+                                 description="[row_min, col_min, row_max, col_max] in source pixels (the official x/y order: x indexes rows)")
     person2: list[float] | None = Field(None, min_length=4, max_length=4)
 
     @field_validator("person1", "person2")
