@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from conftest import rel_l2
-from multitalk.runtime.fp8 import Fp8Linear, quantize_linears_fp8
+from multitalk.runtime.fp8 import Fp8Linear, all_blocks_fp8_filter, ffn_fp8_filter, quantize_linears_fp8
 
 
 def test_fp8_linear_matches_linear_within_fp8_rounding():
@@ -33,7 +33,19 @@ def test_quantize_replaces_only_selected_block_linears():
     model = nn.Module()
     model.blocks = nn.ModuleList([nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 8))])
     model.head = nn.Linear(1024, 1024)
-    n = quantize_linears_fp8(model)
+    n = quantize_linears_fp8(model, include=all_blocks_fp8_filter)
     assert n == 1
     assert isinstance(model.blocks[0][0], Fp8Linear)
     assert isinstance(model.blocks[0][1], nn.Linear) and isinstance(model.head, nn.Linear)
+
+
+def test_default_fp8_filter_takes_only_the_feed_forward():
+    model = nn.Module()
+    block = nn.Module()
+    block.ffn = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    block.attn1 = nn.Linear(64, 64)
+    model.blocks = nn.ModuleList([block])
+    assert quantize_linears_fp8(model) == 2
+    assert isinstance(block.ffn[0], Fp8Linear) and isinstance(block.ffn[2], Fp8Linear)
+    assert isinstance(block.attn1, nn.Linear)
+    assert ffn_fp8_filter("blocks.0.ffn.net.0.proj", nn.Linear(64, 64))

@@ -50,10 +50,20 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 rowwise"
 
 
-def default_fp8_filter(name: str, module: nn.Linear) -> bool:
-    """Quantise the big matmuls of the transformer blocks; keep embeddings, heads and small layers."""
+def ffn_fp8_filter(name: str, module: nn.Linear) -> bool:
+    """Only the feed-forward linears of the blocks (40 % of the DiT's matmul FLOPs): measured on an
+    H100 at 2.8e-2 relative error of the DiT output vs bf16, where every block linear gives 6.4e-2."""
+    return (name.startswith("blocks.") and ".ffn." in name and module.in_features % 16 == 0
+            and module.out_features % 16 == 0)
+
+
+def all_blocks_fp8_filter(name: str, module: nn.Linear) -> bool:
+    """Every big matmul of the transformer blocks; keep embeddings, heads and small layers."""
     return (name.startswith("blocks.") and module.in_features >= 1024 and module.out_features >= 1024
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+default_fp8_filter = ffn_fp8_filter  # within the 3e-2 quality budget; see benchmarks/results
 
 
 def quantize_linears_fp8(model: nn.Module, include: Callable[[str, nn.Linear], bool] = default_fp8_filter,
