@@ -887,6 +887,308 @@ def section_compiled_extra(b: Bench) -> None:
     if b.ref_out is None:
         with torch.no_grad():
             b.ref_out = model(**one).float()
+    variants = {b.args.backend: sec["bf16_1spk"]}
+    sec["attention_backends"] = variants
+    for name in b.args.attention_backends:
+        if name == b.args.backend:
+            continue
+        try:
+            model.set_attention_backend(name)
+            stats, out = b.timed_forward(model, one, f"forward bf16 1spk [{name}]")
+            variants[name] = dict(stats, rel_err_vs_main=rel_l2(out.float(), b.ref_out))
+            del out
+        except Skipped as exc:
+            variants[name] = {"skipped": str(exc)}
+        except Exception as exc:  # backend unavailable on this build
+            variants[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            b.log(f"backend {name} failed: {exc}")
+        finally:
+            model.set_attention_backend(b.args.backend)
+            free_memory(s.device)
+        b.report.save()
+    timed = {k: v["median_s"] for k, v in variants.items() if isinstance(v, dict) and "median_s" in v}
+    if timed:
+        best = min(timed, key=timed.get)
+        b.report.set(best_attention_backend=best, forward_bf16_1spk_best_s=timed[best],
+                     best_forward_over_floor=_ratio(timed[best], b.report.data["floor_bf16_1spk_s"]))
+
+
+def section_teacache(b: Bench) -> None:
+    from multitalk.pipeline.schedule import sample_timesteps
+    from multitalk.pipeline.teacache import TeaCache
+
+    s, sec = b.setting, b.report.section("teacache")
+    model = b.get_dit()
+    steps, branches = 40, 3
+    timesteps = sample_timesteps(steps, 7.0, s.arch.num_train_timesteps)
+    with torch.no_grad():  # e0 depends only on t: the same for the 3 branches of a step
+        e0s = [model.condition_embedder.time_embedding(t.to(s.device))[1].unflatten(1, (6, -1))
+               for t in timesteps[:steps]]
+    fwd = b.report.data["forward_bf16_1spk_s"]
+    sec.update(steps=steps, shift=7.0, branches=branches, forward_s=fwd)
+    for thresh in (0.2, 0.3):
+        cache = TeaCache(steps, thresh, "multitalk-480", branches=branches)
+        for e0 in e0s:
+            for branch in range(branches):
+                if cache.should_compute(branch, e0):
+                    cache.store_residual(branch, e0.new_zeros(1))
+        skipped = len(cache.skipped_calls)
+        sec[f"thresh_{thresh}"] = {"calls": cache.total_calls, "skipped": skipped,
+                                   "skip_fraction": skipped / cache.total_calls,
+                                   "dit_s_per_clip": cache.total_calls * fwd, "saved_s_per_clip": skipped * fwd}
+        b.log(f"teacache {thresh}: {skipped}/{cache.total_calls} forwards skipped")
+    b.report.save()
+
+
+def fp8_filter(tiny: bool) -> Callable:
+    from multitalk.runtime.fp8 import all_blocks_fp8_filter
+
+    if not tiny:
+        return all_blocks_fp8_filter
+    # TINY layers are narrower than the default's 1024 minimum: take the block linears the default
+    # picks at full size, i.e. all but the audio kv projection (768 inputs there).
+    return lambda name, m: (name.startswith("blocks.") and not name.endswith("kv_linear")
+                            and m.in_features % 16 == 0 and m.out_features % 16 == 0)
+
+
+def section_fp8(b: Bench) -> None:
+    from multitalk.runtime.fp8 import quantize_linears_fp8
+
+    s, sec = b.setting, b.report.section("fp8")
+    model = b.get_dit()
+    one = dit_inputs(s, 1)
+    if b.ref_out is None:
+        with torch.no_grad():
+            b.ref_out = model(**one).float()
+    include = fp8_filter(s.tiny)
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and include(n, m)}
+    t0 = time.perf_counter()
+    try:
+        sec["quantized_linears"] = quantize_linears_fp8(model, include=include, out_dtype=s.dtype)
+        sync(s.device)
+        sec["quantize_s"] = time.perf_counter() - t0
+        stats, out = b.timed_forward(model, one, "forward fp8 1spk")
+        sec["fp8_1spk"] = stats
+        err = rel_l2(out.float(), b.ref_out)
+        del out
+        b.report.set(forward_fp8_1spk_s=stats["median_s"], fp8_rel_err=err)
+        b.log(f"fp8 rel err vs bf16: {err:.4f}")
+    finally:  # back to the bf16 linears for the later sections
+        for name, module in originals.items():
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, module)
+        free_memory(s.device)
+
+
+def section_baseline(b: Bench) -> None:
+    s, sec = b.setting, b.report.section("baseline")
+    one = dit_inputs(s, 1)
+    b.drop_dit()  # two 14B models plus activations do not fit on one 80 GB card
+    b.require(30 + (b.args.warmup + b.args.repeats + 1) * b.forward_s(), "baseline")
+    t0 = time.perf_counter()
+    model, config = build_wan_baseline(s)
+    sync(s.device)
+    sec.update(build_s=time.perf_counter() - t0, config=config)
+    try:
+        model.set_attention_backend(b.args.backend)
+        inputs = baseline_inputs(s, one)
+        with torch.no_grad():
+            out = model(**inputs)[0]  # warm-up, and a shape check
+        sec["output_shape"] = list(out.shape)
+        stats, out = b.timed_forward(lambda **kw: model(**kw)[0], inputs, "diffusers Wan forward", warm=True)
+        del out
+        sec["forward"] = stats
+        b.report.set(diffusers_base_forward_s=stats["median_s"])
+    finally:
+        del model
+        free_memory(s.device)
+
+
+def section_clip4(b: Bench) -> None:
+    """One 81-frame clip end to end, twice on the same engine: cold (first use of every shape,
+    cuDNN autotuning) and warm (what a service worker sees from its second job on)."""
+    s, sec = b.setting, b.report.section("clip4")
+    steps = b.args.clip_steps
+    calls = steps * 3  # cond, drop_text, uncond per step (text scale 5)
+    b.require(90 + 2 * calls * b.forward_s(), "clip4")
+    dit = b.get_dit()
+    t0 = time.perf_counter()
+    engine = build_engine(s, dit)
+    sec.update(build_s=time.perf_counter() - t0, build_stage_s=engine.load_seconds, steps=steps, dit_calls=calls)
+    b.log(f"built encoders + VAE in {sec['build_s']:.1f}s")
+    b.report.save()
+    try:
+        for label in ("cold", "warm"):
+            total, stages = _clip4_once(b, engine, dit, steps, sec, label)
+            sec[f"{label}_total_s"], sec[f"{label}_stages_s"] = total, stages
+            b.log(f"clip4 {label}: " + ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()) + f"; total {total:.1f}s")
+            b.report.save()
+    finally:
+        del engine
+        free_memory(s.device)
+    sec["stages_s"] = sec["warm_stages_s"]
+    b.report.set(clip4_total_s=sec["warm_total_s"], clip4_dit_s=sec["warm_stages_s"].get("dit", NAN),
+                 clip4_cold_total_s=sec["cold_total_s"])
+
+
+def _clip4_once(b: Bench, engine, dit, steps: int, sec: dict, label: str):
+    import multitalk.pipeline.generate as gen_mod
+    from multitalk.pipeline.generate import Conditions, generate
+    from multitalk.pipeline.inputs import GenerationParams
+    from multitalk.pipeline.speakers import speaker_masks
+
+    s = b.setting
+    params = GenerationParams(size="multitalk-480", frame_num=s.frames, mode="clip", sample_steps=steps, seed=42)
+    timer = StageTimer(s.device)
+    speech = (np.random.default_rng(0).standard_normal(int(3.3 * 16000)) * 0.1).astype(np.float32)
+    out_dir = Path(tempfile.mkdtemp(prefix="multitalk-bench-clip4-"))
+    restore, writer = [], None
+    try:
+        sync(s.device)
+        t_start = time.perf_counter()
+        with timer.stage("audio_features"):
+            emb = engine.audio_encoder.embed(speech, fps=25)
+        with timer.stage("text_encode"):
+            context, context_null = engine.text_encoder.encode(["a person talking", s.arch.sample_neg_prompt])
+        cond_image = torch.rand(3, 1, s.height, s.width, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        cond = Conditions(speech=[speech], mix=speech, audio_embs=[emb], num_audio_frames=emb.shape[0],
+                          context=context, context_null=context_null, cond_image=cond_image,
+                          ref_masks=speaker_masks(s.height, s.width, s.height, s.width, 1),
+                          height=s.height, width=s.width)
+        for obj, name, stage in ((engine.image_encoder, "encode", "clip_encode"), (engine.vae, "encode", "vae_encode"),
+                                 (engine.vae, "decode", "vae_decode")):
+            setattr(obj, name, timer.wrap(stage, getattr(obj, name)))
+            restore.append((obj, name))
+        color = gen_mod.match_and_blend_colors
+        gen_mod.match_and_blend_colors = timer.wrap("color_correction", color)
+        restore.append((gen_mod, "match_and_blend_colors", color))
+        writer = _mp4_writer(out_dir / "clip4.mp4", s, speech, sec)
+        frames_seen = []
+
+        def on_frames(frames: torch.Tensor) -> None:
+            frames_seen.append(frames.shape[1])
+            if writer is not None:
+                with timer.stage("mp4_write"):
+                    writer.write_frames(frames)
+
+        with timer.module("dit", dit):
+            result = generate(engine, None, params, on_frames=on_frames, conditions=cond)
+        if writer is not None:
+            with timer.stage("mp4_write"):
+                writer.close()
+            writer = None
+            sec["mp4_bytes"] = (out_dir / "clip4.mp4").stat().st_size
+        sync(s.device)
+        total = time.perf_counter() - t_start
+    finally:
+        if writer is not None:
+            writer.abort()
+        for item in restore:
+            if len(item) == 3:
+                setattr(item[0], item[1], item[2])
+            else:
+                delattr(item[0], item[1])
+        shutil.rmtree(out_dir, ignore_errors=True)
+    stages = dict(timer.seconds)
+    stages["other"] = total - sum(stages.values())
+    sec.update(stage_calls=timer.calls, frames=result.frames, frames_delivered=sum(frames_seen),
+               generate_timings=result.timings)
+    return total, stages
+
+
+def _mp4_writer(path: Path, s: Setting, speech: np.ndarray, sec: dict):
+    try:
+        from multitalk.media.video import Mp4Writer
+    except ImportError as exc:
+        sec["mp4_error"] = f"no multitalk.media.video.Mp4Writer: {exc}"
+        return None
+    try:
+        return Mp4Writer(path, width=s.width, height=s.height, fps=25, audio=speech, sample_rate=16000)
+    except Exception as exc:  # no H.264 encoder in this PyAV build, ...
+        sec["mp4_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        return None
+
+
+def section_compile(b: Bench) -> None:
+    s, sec = b.setting, b.report.section("compile")
+    model = b.get_dit()
+    one = dit_inputs(s, 1)
+    attempts = (True, False) if b.args.fullgraph else (False,)
+    for fullgraph in attempts:  # fullgraph first; on a graph-break error, the Engine's fullgraph=False
+        b.require(120 + (b.args.repeats + 1) * b.forward_s(), f"compile (fullgraph={fullgraph})")
+        try:
+            model.compile_repeated_blocks(fullgraph=fullgraph, dynamic=False)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = model(**one)
+            sync(s.device)
+        except Exception as exc:
+            sec[f"error_fullgraph_{fullgraph}"] = f"{type(exc).__name__}: {exc}"[:1000]
+            b.log(f"compile fullgraph={fullgraph} failed: {type(exc).__name__}")
+            torch._dynamo.reset()
+            if fullgraph == attempts[-1]:
+                raise
+            continue
+        sec.update(fullgraph=fullgraph, first_call_s=time.perf_counter() - t0)
+        break
+    sec["compile_s"] = sec["first_call_s"] - b.report.data["forward_bf16_1spk_s"]
+    b.log(f"compile: first call {sec['first_call_s']:.1f}s")
+    if b.ref_out is not None:
+        sec["rel_err_vs_eager"] = rel_l2(out.float(), b.ref_out)
+    del out
+    b.report.save()
+    stats, out = b.timed_forward(model, one, "forward bf16 1spk compiled", warm=True)
+    del out
+    sec["bf16_1spk"] = stats
+    b.report.set(forward_bf16_1spk_compiled_s=stats["median_s"],
+                 compiled_over_eager=_ratio(stats["median_s"], b.report.data["forward_bf16_1spk_s"]))
+
+
+def kernel_breakdown(fn: Callable[[], object]) -> dict:
+    """CUDA kernel time of one call, by class: GEMM, attention, other (seconds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = {"gemm_s": 0.0, "attention_s": 0.0, "other_s": 0.0}
+    top = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e6
+        if t <= 0:
+            continue
+        name = evt.key.lower()
+        if any(k in name for k in ("gemm", "nvjet", "xmma", "cutlass", "scaled_mm", "matmul", "f8f8")):
+            out["gemm_s"] += t
+        elif any(k in name for k in ("cudnn", "fmha", "flash", "attention", "sdpa")):
+            out["attention_s"] += t
+        else:
+            out["other_s"] += t
+        top.append((t, evt.key[:120]))
+    out["top"] = [{"s": round(t, 4), "kernel": k} for t, k in sorted(top, reverse=True)[:25]]
+    return out
+
+
+def section_compiled_extra(b: Bench) -> None:
+    """After ``compile``: 2 speakers compiled, a kernel breakdown, and fp8 variants compiled."""
+    from multitalk.runtime.fp8 import ffn_fp8_filter, quantize_linears_fp8
+
+    s, sec = b.setting, b.report.section("compiled_extra")
+    model = b.get_dit()
+    one, two = dit_inputs(s, 1), dit_inputs(s, 2)
+    if s.device.type == "cuda":
+        with torch.no_grad():
+            sec["breakdown_1spk"] = kernel_breakdown(lambda: model(**one))
+        b.report.save()
+    with torch.no_grad():
+        model(**two)  # compile the 2-speaker graph
+    stats, out = b.timed_forward(model, two, "forward bf16 2spk compiled", warm=True)
+    del out
+    sec["bf16_2spk"] = stats
+    b.report.set(forward_bf16_2spk_compiled_s=stats["median_s"])
+    if b.ref_out is None:
+        with torch.no_grad():
+            b.ref_out = model(**one).float()
     from multitalk.models.transformer import MultiTalkSelfAttnProcessor
 
     try:  # self-attention operands as contiguous [B, heads, L, D] (fused into RoPE by inductor)

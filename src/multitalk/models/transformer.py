@@ -131,7 +131,6 @@ class MultiTalkSelfAttnProcessor:
 
     _attention_backend = None
     _parallel_config = None
-    heads_first = False  # runtime switch (see runtime/attention.py); class-wide
 
     def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, rotary_emb=None, return_qk: bool = False):
@@ -142,16 +141,8 @@ class MultiTalkSelfAttnProcessor:
         if rotary_emb is not None:
             query = _apply_rotary(query, *rotary_emb)
             key = _apply_rotary(key, *rotary_emb)
-        if self.heads_first and self._attention_backend is None and self._parallel_config is None \
-                and attention_mask is None:
-            # Contiguous [B, heads, L, D] operands for SDPA (the copy fuses into the RoPE kernel
-            # under torch.compile); same maths as the dispatch path.
-            out = F.scaled_dot_product_attention(query.transpose(1, 2).contiguous(), key.transpose(1, 2).contiguous(),
-                                                 value.transpose(1, 2).contiguous()).transpose(1, 2)
-        else:
-            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                        is_causal=False, backend=self._attention_backend,
-                                        parallel_config=self._parallel_config)
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                    backend=self._attention_backend, parallel_config=self._parallel_config)
         out = attn.to_out[0](out.flatten(2, 3).type_as(query))
         out = attn.to_out[1](out)
         return (out, query, key) if return_qk else out
