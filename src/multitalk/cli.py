@@ -74,7 +74,7 @@ def generate(
     multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder (if multitalk.safetensors was not copied into --ckpt-dir)."),
     wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
     preset: Optional[str] = _opt(None, "--preset", help="'tiny': the project's small random weights (demo/testing)."),
-    size: str = _opt("multitalk-480", "--size", help="multitalk-480 or multitalk-720 (aspect-ratio buckets)."),
+    size: str = _opt("multitalk-480", "--size", help="multitalk-480 or multitalk-720 (aspect-ratio buckets); preview: quarter-size, for quick CPU runs."),
     frame_num: int = _opt(81, "--frame_num", "--frame-num", help="Frames per clip, 4n+1."),
     motion_frame: int = _opt(25, "--motion_frame", "--motion-frame", help="Frames of overlap between clips (streaming)."),
     mode: str = _opt("clip", "--mode", help="clip (one clip) or streaming (until the audio ends)."),
@@ -169,6 +169,7 @@ def demo(
     steps: int = _opt(4, "--sample-steps", "--sample_steps", help="Sampling steps (small for a quick CPU demo)."),
     frame_num: int = _opt(33, "--frame-num", "--frame_num", help="Frames per clip."),
     motion_frame: int = _opt(5, "--motion-frame", "--motion_frame", help="Overlap between clips."),
+    size: str = _opt("preview", "--size", help="Bucket table; preview (quarter of 480p) keeps the CPU demo to minutes."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """Two-speaker demo on the tiny preset (CPU, a few minutes): authored inputs -> outputs/demo.mp4."""
@@ -182,7 +183,7 @@ def demo(
         err.print(f"demo inputs written to {json_path.parent}")
         generate(input_json=json_path, input_json_opt=None, image=None, audio=None, audio2=None, prompt=None,
                  audio_type="add", out_path=out_path, save_file=None, ckpt_dir=None, multitalk_dir=None,
-                 wav2vec_dir=None, preset="tiny", size="multitalk-480", frame_num=frame_num,
+                 wav2vec_dir=None, preset="tiny", size=size, frame_num=frame_num,
                  motion_frame=motion_frame, mode="streaming", sample_steps=steps, sample_shift=None,
                  text_scale=5.0, audio_scale=4.0, seed=42, n_prompt="", use_teacache=False, teacache_thresh=0.2,
                  use_apg=False, apg_momentum=-0.75, apg_norm_threshold=55.0, color_correction_strength=0.0,

@@ -35,9 +35,15 @@ ASPECT_RATIO_960: dict[str, tuple[int, int]] = {
     "3.75": (1920, 512),
 }
 # ``size_buckget`` names of the official CLI.
+# The project's own small table for CPU previews, demos and service tests (not an official size):
+# the 480p buckets at a quarter of their height and width (still multiples of 16, as the DiT needs).
+ASPECT_RATIO_PREVIEW: dict[str, tuple[int, int]] = {k: (h // 4, w // 4) for k, (h, w) in ASPECT_RATIO_627.items()}
+assert all(h % 16 == 0 and w % 16 == 0 for h, w in ASPECT_RATIO_PREVIEW.values())
+
 BUCKETS: dict[str, dict[str, tuple[int, int]]] = {
     "multitalk-480": ASPECT_RATIO_627,
     "multitalk-720": ASPECT_RATIO_960,
+    "preview": ASPECT_RATIO_PREVIEW,
 }
 
 
@@ -76,7 +82,7 @@ def _check_size(src_h, src_w, what: str = "image") -> None:
 
 
 def bucket_table(size: str) -> dict[str, tuple[int, int]]:
-    """The bucket table of a ``size`` name (``multitalk-480`` or ``multitalk-720``)."""
+    """The bucket table of a ``size`` name (``multitalk-480``, ``multitalk-720`` or ``preview``)."""
     if size not in BUCKETS:
         raise UserInputError("size", f"unknown size bucket {size!r}",
                              f"use one of {', '.join(sorted(BUCKETS))}")
@@ -149,7 +155,7 @@ def cond_image_from_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "ASPECT_RATIO_627", "ASPECT_RATIO_960", "BUCKETS", "bucket_key", "bucket_table", "center_crop",
+    "ASPECT_RATIO_627", "ASPECT_RATIO_960", "ASPECT_RATIO_PREVIEW", "BUCKETS", "bucket_key", "bucket_table", "center_crop",
     "center_crop_offsets", "choose_bucket", "cond_image_from_uint8", "load_image",
     "resize_and_center_crop", "resize_scale_for", "resized_size",
 ]

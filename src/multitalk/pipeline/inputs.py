@@ -29,14 +29,14 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from multitalk.errors import UserInputError
 
 PERSONS = ("person1", "person2")
-SIZES = ("multitalk-480", "multitalk-720")
-DEFAULT_SHIFT = {"multitalk-480": 7.0, "multitalk-720": 11.0}
+SIZES = ("multitalk-480", "multitalk-720", "preview")
+DEFAULT_SHIFT = {"multitalk-480": 7.0, "multitalk-720": 11.0, "preview": 7.0}
 
 # How to fix a bad value, per field (shown after the message).
 _FIXES = {
     "frame_num": "e.g. 81 (3.2 s per clip), 49 or 33",
     "motion_frame": "use fewer frames than frame_num, e.g. 25 with frame_num 81",
-    "size": "use multitalk-480 or multitalk-720",
+    "size": "use multitalk-480 or multitalk-720 (or preview for quick CPU runs)",
     "mode": "use clip or streaming",
     "audio_type": "use add (one after the other) or para (simultaneous)",
     "bbox": "give {person1: [row_min, col_min, row_max, col_max], person2: [...]} in source pixels",
@@ -235,7 +235,7 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    size: Literal["multitalk-480", "multitalk-720"] = "multitalk-480"  # aspect-ratio bucket table
+    size: Literal["multitalk-480", "multitalk-720", "preview"] = "multitalk-480"  # aspect-ratio bucket table
     frame_num: int = 81            # frames per clip, 4n+1
     motion_frame: int = Field(25, ge=1)   # streaming: frames carried into the next clip
     mode: Literal["clip", "streaming"] = "clip"  # one clip, or clips until the audio ends
