@@ -153,6 +153,9 @@ class InputSpec(BaseModel):
                 warnings.append("audio_type missing: using 'add' (person1 speaks, then person2)")
             self.audio_type = "add"
         if self.bbox is not None:
+            if not two and set(self.bbox) - {"person1"}:
+                raise UserInputError("bbox", f"boxes for {sorted(self.bbox)}, but only person1 has audio",
+                                     "add cond_audio.person2, or drop the extra boxes")
             if not two:
                 warnings.append("bbox ignored: it only routes audio between two speakers")
             elif set(self.bbox) != set(PERSONS):
