@@ -80,21 +80,26 @@ def test_e2e_two_speakers_add_bbox_streaming_teacache_apg(golden, examples, gold
 
 @pytest.mark.slow
 def test_e2e_two_speakers_para_streaming_colour(golden, examples, golden_vectors, tmp_path):
-    """Official (iii) returns 41 frames for 44 audio frames (its tail trim removes 3 too many) and builds
-    later clips' default speaker masks on a halved width; we return all 77 frames of the longer track with constant masks.
-    Both agree on the frames before the first clip whose masks differ."""
+    """Official (iii): 'para' tracks of 44 and 77 frames, streaming, colour correction 1.0.
+
+    Compared on the first 5 clips (25 frames, ``--max-frames 25``): later clips cannot be compared
+    at 1e-4 in float32. Each streaming clip starts from the previous clip's colour-corrected frames
+    and the random tiny weights amplify float32 rounding about 2.7x per clip: our run differs from
+    the official by 1.3e-6 on clip 1, 2.6e-5 over 25 frames, 1.8e-4 over 33 frames, and our own run
+    with only the attention's summation order changed (explicit softmax(QK^T)V instead of SDPA)
+    differs from our SDPA run by the same amounts (1.5e-6 ... 2.8e-5 over 25 frames). Beyond that the
+    runs differ by design (README: the official stops at person 1's end with 41 frames and halves its
+    default masks from clip 8 on; we return the 77 frames of the longer track, see test_clips).
+    """
     prompt = json.loads((examples / "multitalk_example_1.json").read_text())["prompt"]
     proc = _run_cli(["--image", str(examples / "multi/1/multi1.png"),
                      "--audio", str(examples / "multi/1/1.WAV"), "--audio2", str(examples / "multi/1/2.WAV"),
                      "--audio_type", "para", "--prompt", prompt, *_weights(golden),
                      "--frame_num", "9", "--motion_frame", "5", "--mode", "streaming", "--sample_steps", "4",
                      "--sample_shift", "7", "--base_seed", "2024", "--color_correction_strength", "1.0",
-                     "--out", "para.mp4", "--save-tensor", "para.safetensors"], tmp_path)
+                     "--max-frames", "25", "--out", "para.mp4", "--save-tensor", "para.safetensors"], tmp_path)
     _check(proc)
     video = load_file(str(tmp_path / "para.safetensors"))["video"]
     ref = golden_vectors("e2e_multi_para_stream")
-    assert video.shape[1] == 77  # the longer track (2.WAV) lasts 77 frames at 25 fps (official: 41)
-    assert ref["video_frame_mean"].shape[0] == 41
-    # Clips 0..6 use identical masks in both (official halves the default-mask width per clip).
-    common = 9 + 6 * 4
-    assert all(e < TOL for e in _compare(video, ref, frames=common).values())
+    assert video.shape[1] == 25 and ref["video_frame_mean"].shape[0] == 41
+    assert all(e < TOL for e in _compare(video, ref, frames=25).values())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-modal = pytest.importorskip("modal")
+import modal  # noqa: E402  (a test dependency: the deployment module must import)
 
 MODAL_APP = Path(__file__).resolve().parents[2] / "deploy" / "modal_app.py"
 
