@@ -104,26 +104,27 @@ def finished(job: dict) -> bool:
     return job["status"] in ("succeeded", "failed", "cancelled")
 
 
-def _end_s(stream, packets) -> float:
-    return float(max(p.pts + p.duration for p in packets) * stream.time_base)
-
-
 def probe(data: bytes) -> dict:
     """Codecs, decoded video frame count, and each stream's presentation end (from its packets:
-    the AAC tail packet carries the trimmed duration, so this is what a player plays)."""
+    the AAC tail packet carries the trimmed duration, so this is what a player plays).
+
+    Packet timestamps are read while the container is open: a packet kept past the container's
+    close may report no duration."""
     with av.open(io.BytesIO(data)) as f:
         v, a = f.streams.video[0], f.streams.audio[0]
         out = {"video": v.codec_context.name, "audio": a.codec_context.name,
                "size": (v.codec_context.width, v.codec_context.height),
                "audio_rate": a.codec_context.sample_rate}
-        packets = {"video": [], "audio": []}
+        ends = {"video": 0.0, "audio": 0.0}
         for p in f.demux(v, a):
-            if p.pts is not None and p.size:
-                packets[p.stream.type].append(p)
+            if p.pts is None or not p.size:
+                continue
+            assert p.duration is not None, f"{p.stream.type} packet at pts {p.pts} has no duration"
+            ends[p.stream.type] = max(ends[p.stream.type],
+                                      float((p.pts + p.duration) * p.stream.time_base))
     with av.open(io.BytesIO(data)) as f:
         out["frames"] = sum(1 for _ in f.decode(video=0))
-    out["video_s"] = _end_s(v, packets["video"])
-    out["audio_s"] = _end_s(a, packets["audio"])
+    out["video_s"], out["audio_s"] = ends["video"], ends["audio"]
     return out
 
 
