@@ -142,6 +142,12 @@ class Report:
         d["spk2_over_spk1"] = _ratio(d["forward_bf16_2spk_s"], d["forward_bf16_1spk_s"])
         d["fp8_over_bf16"] = _ratio(d["forward_fp8_1spk_s"], d["forward_bf16_1spk_s"])
         d["clip4_non_dit_share"] = 1.0 - _ratio(d["clip4_dit_s"], d["clip4_total_s"])
+        # the production path (compiled; --fp8 is measured compiled): the same ratios
+        comp1, comp2 = d.get("forward_bf16_1spk_compiled_s", NAN), d.get("forward_bf16_2spk_compiled_s", NAN)
+        d["compiled_over_floor"] = _ratio(comp1, d["floor_bf16_1spk_s"])
+        d["compiled_over_diffusers"] = _ratio(comp1, d["diffusers_base_forward_s"])
+        d["compiled_spk2_over_spk1"] = _ratio(comp2, comp1)
+        d["fp8_over_compiled_bf16"] = _ratio(d["forward_fp8_1spk_s"], comp1)
 
 
 def _ratio(a, b) -> float:
@@ -887,27 +893,6 @@ def section_compiled_extra(b: Bench) -> None:
     if b.ref_out is None:
         with torch.no_grad():
             b.ref_out = model(**one).float()
-    from multitalk.models.transformer import MultiTalkSelfAttnProcessor
-
-    try:  # self-attention operands as contiguous [B, heads, L, D] (fused into RoPE by inductor)
-        MultiTalkSelfAttnProcessor.heads_first = True
-        with torch.no_grad():
-            out = model(**one)
-        err = rel_l2(out.float(), b.ref_out)
-        del out
-        stats, out = b.timed_forward(model, one, "forward bf16 1spk compiled heads-first", warm=True)
-        del out
-        sec["heads_first_1spk"] = dict(stats, rel_err=err)
-        if s.device.type == "cuda":
-            with torch.no_grad():
-                sec["breakdown_1spk_heads_first"] = kernel_breakdown(lambda: model(**one))
-        b.report.save()
-    except Skipped:
-        raise
-    except Exception as exc:
-        sec["heads_first_error"] = f"{type(exc).__name__}: {exc}"[:800]
-    finally:
-        MultiTalkSelfAttnProcessor.heads_first = False
     variants = {
         "ffn": ffn_fp8_filter,
         "all": fp8_filter(s.tiny),
@@ -970,7 +955,8 @@ def print_table(report: Report) -> None:
     d = report.data
     rows = [("gpu", d["gpu"]), ("tokens", d["tokens"])] + [(k, d.get(k)) for k in HEADLINE_KEYS] + [
         (k, d[k]) for k in ("mfu_bf16_1spk", "best_attention_backend", "forward_bf16_1spk_best_s",
-                            "forward_bf16_1spk_compiled_s") if k in d]
+                            "forward_bf16_1spk_compiled_s", "compiled_over_floor", "compiled_over_diffusers",
+                            "compiled_spk2_over_spk1", "fp8_over_compiled_bf16") if k in d]
     width = max(len(k) for k, _ in rows)
     print("\n" + "-" * (width + 16))
     for k, v in rows:
