@@ -239,6 +239,19 @@ class StageTimer:
                 return fn(*args, **kwargs)
         return timed
 
+    def wrap_iter(self, name: str, fn: Callable) -> Callable:
+        """Time the production of each item of the iterator ``fn`` returns (not the consumer's work)."""
+        def timed(*args, **kwargs):
+            it = iter(fn(*args, **kwargs))
+            while True:
+                with self.stage(name):
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        return
+                yield item
+        return timed
+
     @contextlib.contextmanager
     def module(self, name: str, module: torch.nn.Module) -> Iterator[None]:
         """Time every forward of ``module`` (forward pre/post hooks) while inside the block."""
@@ -738,6 +751,7 @@ def section_clip4(b: Bench) -> None:
 def _clip4_once(b: Bench, engine, dit, steps: int, sec: dict, label: str):
     import multitalk.pipeline.generate as gen_mod
     from multitalk.pipeline.generate import Conditions, generate
+    from multitalk.media.video import BackgroundWriter
     from multitalk.pipeline.inputs import GenerationParams
     from multitalk.pipeline.speakers import speaker_masks
 
@@ -759,27 +773,30 @@ def _clip4_once(b: Bench, engine, dit, steps: int, sec: dict, label: str):
                           context=context, context_null=context_null, cond_image=cond_image,
                           ref_masks=speaker_masks(s.height, s.width, s.height, s.width, 1),
                           height=s.height, width=s.width)
-        for obj, name, stage in ((engine.image_encoder, "encode", "clip_encode"), (engine.vae, "encode", "vae_encode"),
-                                 (engine.vae, "decode", "vae_decode")):
+        for obj, name, stage in ((engine.image_encoder, "encode", "clip_encode"), (engine.vae, "encode", "vae_encode")):
             setattr(obj, name, timer.wrap(stage, getattr(obj, name)))
             restore.append((obj, name))
+        engine.vae.decode_chunks = timer.wrap_iter("vae_decode", engine.vae.decode_chunks)
+        restore.append((engine.vae, "decode_chunks"))
         color = gen_mod.match_and_blend_colors
         gen_mod.match_and_blend_colors = timer.wrap("color_correction", color)
         restore.append((gen_mod, "match_and_blend_colors", color))
-        writer = _mp4_writer(out_dir / "clip4.mp4", s, speech, sec)
+        mp4 = _mp4_writer(out_dir / "clip4.mp4", s, speech, sec)
+        writer = BackgroundWriter(mp4) if mp4 is not None else None  # as pipeline.render does
         frames_seen = []
 
         def on_frames(frames: torch.Tensor) -> None:
             frames_seen.append(frames.shape[1])
             if writer is not None:
-                with timer.stage("mp4_write"):
+                with timer.stage("mp4_write"):  # only a wait when the encoder thread falls behind
                     writer.write_frames(frames)
 
         with timer.module("dit", dit):
             result = generate(engine, None, params, on_frames=on_frames, conditions=cond)
         if writer is not None:
-            with timer.stage("mp4_write"):
+            with timer.stage("mp4_write"):  # what is left to encode after the last frame
                 writer.close()
+                mp4.close()
             writer = None
             sec["mp4_bytes"] = (out_dir / "clip4.mp4").stat().st_size
         sync(s.device)
@@ -787,6 +804,7 @@ def _clip4_once(b: Bench, engine, dit, steps: int, sec: dict, label: str):
     finally:
         if writer is not None:
             writer.abort()
+            mp4.abort()
         for item in restore:
             if len(item) == 3:
                 setattr(item[0], item[1], item[2])

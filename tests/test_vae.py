@@ -47,6 +47,18 @@ def test_decode_matches_golden(tiny_vae, golden_vectors):
     assert video.abs().max() <= 1.0
 
 
+def test_decode_chunks_equal_decode_exactly(tiny_vae, golden_vectors):
+    """The pipeline decodes chunk by chunk (1, 4, 4 frames) to overlap encoding: same numbers, bit for bit."""
+    latent = golden_vectors("image_vae")["vae_decode_latent_in"]
+    chunks = list(tiny_vae.decode_chunks(latent))
+    assert [c.shape[1] for c in chunks] == [1, 4, 4]
+    assert all(c.dtype == torch.float32 and c.abs().max() <= 1.0 for c in chunks)
+    assert torch.equal(torch.cat(chunks, dim=1), tiny_vae.decode(latent))
+    # the feature cache is cleared afterwards: a second, different decode is unaffected
+    other = latent.flip(1)
+    assert torch.equal(torch.cat(list(tiny_vae.decode_chunks(other)), dim=1), tiny_vae.decode(other))
+
+
 def test_encode_is_causal(tiny_vae):
     """Latent frame k depends only on frames up to 1+4k (official 1, 4, 4, ... chunking)."""
     video = torch.rand(3, 9, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1

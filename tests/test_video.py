@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from multitalk.errors import UserInputError
-from multitalk.media.video import Mp4Writer, to_uint8_frames
+import threading
+
+from multitalk.media.video import BackgroundWriter, Mp4Writer, to_uint8_frames
 
 SR = 16000
 
@@ -90,3 +92,75 @@ def test_wrong_frame_size(tmp_path):
         with pytest.raises(ValueError):
             w.write_frames(torch.zeros(3, 1, 16, 32))
         w.write_frames(torch.zeros(3, 1, 32, 32))
+
+
+# --- BackgroundWriter: the encoder on its own thread ---------------------------------------------
+
+def test_background_writer_writes_the_same_video(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    chunks = [torch.rand(3, n, 48, 64, generator=g) * 2 - 1 for n in (1, 4, 4, 4)]
+    with Mp4Writer(tmp_path / "direct.mp4", width=64, height=48, audio=_speech(1.0), sample_rate=SR) as w:
+        for c in chunks:
+            w.write_frames(c)
+    with Mp4Writer(tmp_path / "bg.mp4", width=64, height=48, audio=_speech(1.0), sample_rate=SR) as mp4, \
+            BackgroundWriter(mp4, max_pending=2) as w:
+        for c in chunks:
+            w.write_frames(c)
+    direct, bg = _probe(tmp_path / "direct.mp4"), _probe(tmp_path / "bg.mp4")
+    assert bg == direct and bg["frames"] == 13
+
+    def pixels(path):
+        with av.open(str(path)) as c:
+            return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert np.array_equal(pixels(tmp_path / "bg.mp4"), pixels(tmp_path / "direct.mp4"))
+
+
+class _Recorder:
+    def __init__(self, fail_at=None, gate=None):
+        self.seen, self.fail_at, self.gate = [], fail_at, gate
+        self.thread_names = set()
+
+    def write_frames(self, frames):
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.thread_names.add(threading.current_thread().name)
+        if len(self.seen) == self.fail_at:
+            raise OSError("disk full")
+        self.seen.append(frames)
+
+
+def test_background_writer_runs_off_the_caller_thread_in_order():
+    rec = _Recorder()
+    with BackgroundWriter(rec) as w:
+        for i in range(20):
+            w.write_frames(i)
+    assert rec.seen == list(range(20))
+    assert rec.thread_names == {"multitalk-mp4-writer"}
+
+
+def test_background_writer_error_reaches_the_caller():
+    rec = _Recorder(fail_at=2)
+    w = BackgroundWriter(rec)
+    with pytest.raises(OSError, match="disk full"):
+        for i in range(50):
+            w.write_frames(i)
+        w.close()
+    assert rec.seen == [0, 1]
+
+
+def test_background_writer_queue_is_bounded_and_abort_drops_the_rest():
+    gate = threading.Event()
+    rec = _Recorder(gate=gate)
+    w = BackgroundWriter(rec, max_pending=2)
+    w.write_frames(0)                      # taken by the thread, which waits at the gate
+    w.write_frames(1)
+    w.write_frames(2)                      # the queue (2) is full now
+    blocked = threading.Thread(target=w.write_frames, args=(3,), daemon=True)
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive()              # the producer waits instead of buffering without bound
+    w._abort.set()
+    gate.set()
+    blocked.join(5)
+    w.abort()
+    assert rec.seen == [0] and not w._thread.is_alive()

@@ -169,3 +169,75 @@ class Mp4Writer:
             self.close()
         else:
             self.abort()
+
+
+class BackgroundWriter:
+    """Runs a writer's ``write_frames`` on its own thread, so encoding overlaps the caller's work.
+
+    The generator hands decoded frames over and goes on decoding the next ones on the GPU while
+    this thread converts and encodes (PyAV releases the GIL inside the codec). At most
+    ``max_pending`` chunks wait in the queue (bounded host memory: the caller blocks when the
+    encoder falls behind). An encoder error is raised in the caller at its next ``write_frames``
+    or at :meth:`close`. Use as a context manager inside the writer's own ``with`` block::
+
+        with Mp4Writer(path, w, h, audio=mix) as mp4, BackgroundWriter(mp4) as writer:
+            writer.write_frames(frames)
+    """
+
+    _STOP = object()
+
+    def __init__(self, writer, max_pending: int = 8):
+        import queue
+        import threading
+
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="multitalk-mp4-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            if self._error is not None or self._abort.is_set():
+                continue  # keep draining so the producer never blocks on a dead consumer
+            try:
+                self.writer.write_frames(item)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._error = e
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write_frames(self, frames) -> None:
+        self._raise_error()
+        if not self._thread.is_alive():
+            raise RuntimeError("BackgroundWriter is closed")
+        self._queue.put(frames)
+
+    def close(self) -> None:
+        """Wait for every queued chunk to be encoded; raise the encoder's error if there was one."""
+        if self._thread.is_alive():
+            self._queue.put(self._STOP)
+            self._thread.join()
+        self._raise_error()
+
+    def abort(self) -> None:
+        """Drop what is still queued and stop the thread (the caller aborts the file)."""
+        self._abort.set()
+        if self._thread.is_alive():
+            self._queue.put(self._STOP)
+            self._thread.join()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

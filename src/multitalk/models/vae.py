@@ -21,7 +21,7 @@ computed in float32 exactly as the official code does.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -203,6 +203,32 @@ class WanVAE(torch.nn.Module):
         z = latent.to(device=self.device, dtype=torch.float32) / self.inv_std + self.mean
         video = self.model.decode(z.to(self.dtype).unsqueeze(0)).sample[0].float()
         return video.clamp_(-1.0, 1.0)
+
+    @torch.no_grad()
+    def decode_chunks(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
+        """:meth:`decode` as it goes: ``[3, n, 8h, 8w]`` float32 chunks of 1, 4, 4, ... frames.
+
+        The same computation as ``AutoencoderKLWan._decode`` (one latent frame at a time with the
+        causal feature cache), so the concatenated chunks equal :meth:`decode` exactly; a caller
+        can colour-correct, copy and encode the first frames while the GPU decodes the next ones.
+        Tiled or patchified models (not Wan 2.1's) fall back to one chunk.
+        """
+        _check_latent(latent, self.z_dim)
+        m = self.model
+        if m.use_tiling or m.config.patch_size is not None:
+            yield self.decode(latent)
+            return
+        z = latent.to(device=self.device, dtype=torch.float32) / self.inv_std + self.mean
+        m.clear_cache()
+        try:
+            x = m.post_quant_conv(z.to(self.dtype).unsqueeze(0))
+            for i in range(x.shape[2]):
+                m._conv_idx = [0]
+                out = m.decoder(x[:, :, i:i + 1], feat_cache=m._feat_map, feat_idx=m._conv_idx,
+                                first_chunk=i == 0)
+                yield out.clamp(-1.0, 1.0)[0].float().clamp_(-1.0, 1.0)
+        finally:
+            m.clear_cache()
 
 
 def _check_video(video, temporal_stride: int, spatial_stride: int) -> None:

@@ -2,8 +2,9 @@
 
 ``generate(engine, spec, params, on_frames=...)`` prepares the conditions once (speech arrays and
 their wav2vec2 embeddings, text contexts, the bucketed reference image, speaker masks), then samples
-clip after clip (streaming) and hands each clip's *new* frames to ``on_frames`` as soon as it is
-decoded, so a long video never sits in host memory. Deliberate differences from the official script
+clip after clip (streaming) and hands each clip's *new* frames to ``on_frames`` as they are
+decoded (a few frames per call), so a long video never sits in host memory and the caller can
+encode while the GPU goes on. Deliberate differences from the official script
 are listed in the README ("Differences from the official script").
 """
 
@@ -219,15 +220,24 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
                     eta = elapsed / done_steps * (total_steps - done_steps)
                     report(Progress("sampling", ci + 1, n_clips, i + 1, steps, done_steps / total_steps, eta))
             report(Progress("decoding", ci + 1, n_clips, steps, steps, done_steps / total_steps))
+            # decode chunk by chunk (1, 4, 4, ... frames; the same maths as one decode) and hand the
+            # new frames over at once, so colour correction, the host copy and the mp4 encoder
+            # work on early frames while the GPU decodes the later ones
+            emit_end = clip.keep_from + max(0, min(frame_num - clip.keep_from, plan.total_frames - written))
+            parts, f0 = [], 0
             with engine.placement.use(engine.vae):
-                video = engine.vae.decode(latent).float()            # [3, frame_num, H, W]
-            if params.color_correction_strength > 0:
-                video = match_and_blend_colors(video[None], reference[None], params.color_correction_strength)[0]
-        new = video[:, clip.keep_from:]
-        keep = min(new.shape[1], plan.total_frames - written)
-        if keep > 0:
-            on_frames(new[:, :keep].cpu())
-            written += keep
+                for chunk in engine.vae.decode_chunks(latent):       # [3, n, H, W] float32
+                    if params.color_correction_strength > 0:
+                        chunk = match_and_blend_colors(chunk[None], reference[None],
+                                                       params.color_correction_strength)[0]
+                    parts.append(chunk)
+                    f1 = f0 + chunk.shape[1]
+                    lo, hi = max(f0, clip.keep_from), min(f1, emit_end)
+                    if hi > lo:
+                        on_frames(chunk[:, lo - f0:hi - f0].cpu())
+                        written += hi - lo
+                    f0 = f1
+            video = torch.cat(parts, dim=1)                           # [3, frame_num, H, W]
         cond_frames = video[:, -motion_frame:].to(device)
     timings["sampling_s"] = time.perf_counter() - t_loop
     mix = cond.mix[: int(round(written / FPS * SAMPLE_RATE))]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from multitalk.errors import UserInputError
-from multitalk.media.video import Mp4Writer
+from multitalk.media.video import BackgroundWriter, Mp4Writer
 from multitalk.pipeline.engine import Engine
 from multitalk.pipeline.generate import (FPS, SAMPLE_RATE, GenerationResult, Media, Progress, generate,
                                          prepare_conditions)
@@ -47,8 +47,10 @@ def render(engine: Engine, spec: InputSpec, params: GenerationParams, out: Path,
         progress(Progress("conditioning"))
     cond = prepare_conditions(engine, spec, params, media)
     kept: list[torch.Tensor] = []
+    # the encoder runs on its own thread: it works on a clip's first frames while the GPU decodes
+    # the rest, and on the last clip's frames while the next clip samples
     with Mp4Writer(out, width=cond.width, height=cond.height, fps=FPS, audio=cond.mix,
-                   sample_rate=SAMPLE_RATE) as writer:
+                   sample_rate=SAMPLE_RATE) as mp4, BackgroundWriter(mp4) as writer:
         def on_frames(frames: torch.Tensor) -> None:
             writer.write_frames(frames)
             if save_tensor is not None:
