@@ -33,8 +33,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64 (the golden README's error measure)."""
-    a = torch.as_tensor(a).double()
-    b = torch.as_tensor(b).double()
+    a = torch.as_tensor(a).detach().double()
+    b = torch.as_tensor(b).detach().double()
     assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
