@@ -403,7 +403,7 @@ def build_engine(s: Setting, dit, seed: int = 11):
     from multitalk.models.text_encoder import TextEncoder, build_umt5_on_meta, load_t5_tokenizer, load_t5_weights
     from multitalk.models.vae import WanVAE, build_vae_model, load_vae_weights
     from multitalk.pipeline.engine import Engine
-    from multitalk.runtime.placement import Placement, resolve_dtype
+    from multitalk.runtime.placement import Placement, configure_backends, resolve_dtype
 
     arch, dev = s.arch, s.device
     seconds = {}
@@ -448,6 +448,7 @@ def build_engine(s: Setting, dit, seed: int = 11):
                               dtype=torch.float32, device=dev)
         return AudioEncoder(model, Wav2Vec2FeatureExtractor(**tiny.WAV2VEC2_PREPROCESSOR))
 
+    configure_backends(dev)  # what Engine.load sets (cuDNN autotuning of the VAE's convolutions)
     engine = Engine(arch=arch, text_encoder=timed("text_encoder", text), image_encoder=timed("image_encoder", image),
                     vae=timed("vae", vae), audio_encoder=timed("audio_encoder", audio), transformer=dit,
                     device=dev, dtype=s.dtype, placement=Placement(dev), load_seconds=seconds)
@@ -778,9 +779,15 @@ def _clip4_once(b: Bench, engine, dit, steps: int, sec: dict, label: str):
             restore.append((obj, name))
         engine.vae.decode_chunks = timer.wrap_iter("vae_decode", engine.vae.decode_chunks)
         restore.append((engine.vae, "decode_chunks"))
-        color = gen_mod.match_and_blend_colors
-        gen_mod.match_and_blend_colors = timer.wrap("color_correction", color)
-        restore.append((gen_mod, "match_and_blend_colors", color))
+        matcher = gen_mod.ColorMatcher
+
+        class TimedColorMatcher(matcher):
+            def __call__(self, source):
+                with timer.stage("color_correction"):
+                    return super().__call__(source)
+
+        gen_mod.ColorMatcher = TimedColorMatcher
+        restore.append((gen_mod, "ColorMatcher", matcher))
         mp4 = _mp4_writer(out_dir / "clip4.mp4", s, speech, sec)
         writer = BackgroundWriter(mp4) if mp4 is not None else None  # as pipeline.render does
         frames_seen = []

@@ -9,7 +9,7 @@ from skimage import color as skcolor
 
 from conftest import rel_l2
 from multitalk.errors import UserInputError
-from multitalk.pipeline.color import match_and_blend_colors, match_and_blend_colors_reference
+from multitalk.pipeline.color import ColorMatcher, match_and_blend_colors, match_and_blend_colors_reference
 from multitalk.pipeline.color_space import RGB_FROM_XYZ, XYZ_FROM_RGB, lab_to_rgb, rgb_to_lab
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -194,3 +194,17 @@ def test_strength_out_of_range():
         with pytest.raises(UserInputError) as e:
             fn(x, x, 1.5)
         assert e.value.field == "color_correction_strength"
+
+
+def test_color_matcher_on_chunks_equals_one_call_on_the_clip():
+    """The pipeline corrects each decoded chunk (1, 4, 4 frames) with one ColorMatcher per video."""
+    g = torch.Generator().manual_seed(3)
+    clip = torch.rand(1, 3, 9, 16, 24, generator=g) * 2 - 1
+    reference = torch.rand(1, 3, 1, 16, 24, generator=g) * 2 - 1
+    matcher = ColorMatcher(reference, 0.8)
+    chunks = [matcher(clip[:, :, a:b]) for a, b in ((0, 1), (1, 5), (5, 9))]
+    assert torch.equal(torch.cat(chunks, dim=2), match_and_blend_colors(clip, reference, 0.8))
+    assert ColorMatcher(reference, 0.0)(clip) is clip
+    with pytest.raises(UserInputError) as err:
+        ColorMatcher(reference, 1.5)
+    assert err.value.field == "color_correction_strength"

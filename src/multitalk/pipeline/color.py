@@ -58,37 +58,65 @@ def match_and_blend_colors(source: torch.Tensor, reference: torch.Tensor, streng
     ``compute_dtype`` (float64 default; float32 is faster on GPUs, ~1e-6 relative from float64).
     Frames with a flat Lab channel (std 0) get the reference mean in that channel, as the official.
     """
-    if strength == 0.0:
-        return source
-    _validate(source, reference, strength)
-    B, _, T, H, W = source.shape
-    dev, cd, s = source.device, compute_dtype, float(strength)
-    block = _CPU_BLOCK_PIXELS if dev.type == "cpu" else _CHUNK_PIXELS
-    out = torch.empty_like(source)
-    step = max(1, _CHUNK_PIXELS // max(1, H * W))
-    for bi in range(B):
-        ref_lab = _to_lab(reference[bi].to(dev).reshape(3, 1, -1), cd, block)       # [3, 1, H*W]
-        ref_std, ref_mean, _ = _center_std(ref_lab)
-        for t0 in range(0, T, step):
-            frames = source[bi, :, t0:t0 + step]
-            t = frames.shape[1]
-            flat_src = frames.reshape(3, -1)
-            lab = _to_lab(flat_src.view(3, t, H * W), cd, block)                    # [3, t, H*W]
-            std, _, flat = _center_std(lab)                                          # lab -= mean
-            # (v - mean) * (std_ref / std) + mean_ref; a flat channel gets mean_ref (as the
-            # official's std == 0 branch), which a zero scale gives exactly
-            scale = torch.where(flat, torch.zeros_like(std), ref_std / std)
-            lab.mul_(scale).add_(ref_mean)
-            lab = lab.view(3, -1)
-            res = torch.empty(flat_src.shape, dtype=source.dtype, device=dev)
-            for i in range(0, lab.shape[1], block):
-                sl = slice(i, i + block)
-                rgb = lab_to_rgb3(*lab[:, sl])                                        # clipped to [0, 1]
-                src = _unit_rgb(flat_src[:, sl], cd)
-                for c in range(3):
-                    res[c, sl] = ((1 - s) * src[c] + s * rgb[c]).mul_(2.0).sub_(1.0)
-            out[bi, :, t0:t0 + t] = res.view(3, t, H, W)
-    return out
+    return ColorMatcher(reference, strength, compute_dtype=compute_dtype)(source)
+
+
+class ColorMatcher:
+    """:func:`match_and_blend_colors` against one reference, its Lab statistics computed once.
+
+    The pipeline corrects every decoded chunk of every clip against the same reference image; the
+    result is the same as calling :func:`match_and_blend_colors` on each chunk (per-frame maths).
+    """
+
+    def __init__(self, reference: torch.Tensor, strength: float, *,
+                 compute_dtype: torch.dtype = torch.float64):
+        if not 0.0 <= strength <= 1.0:
+            _validate(reference, reference, strength)
+        self.reference, self.strength, self.compute_dtype = reference, float(strength), compute_dtype
+        self._stats: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def _reference_stats(self, dev: torch.device, block: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if dev not in self._stats:
+            stats = []
+            for ref in self.reference:
+                ref_lab = _to_lab(ref.to(dev).reshape(3, 1, -1), self.compute_dtype, block)  # [3, 1, H*W]
+                ref_std, ref_mean, _ = _center_std(ref_lab)
+                stats.append((ref_std, ref_mean))
+            self._stats[dev] = stats
+        return self._stats[dev]
+
+    def __call__(self, source: torch.Tensor) -> torch.Tensor:
+        if self.strength == 0.0:
+            return source
+        _validate(source, self.reference, self.strength)
+        if source.shape[0] != self.reference.shape[0]:
+            raise ValueError(f"source batch {source.shape[0]} != reference batch {self.reference.shape[0]}")
+        B, _, T, H, W = source.shape
+        dev, cd, s = source.device, self.compute_dtype, self.strength
+        block = _CPU_BLOCK_PIXELS if dev.type == "cpu" else _CHUNK_PIXELS
+        out = torch.empty_like(source)
+        step = max(1, _CHUNK_PIXELS // max(1, H * W))
+        for bi, (ref_std, ref_mean) in enumerate(self._reference_stats(dev, block)):
+            for t0 in range(0, T, step):
+                frames = source[bi, :, t0:t0 + step]
+                t = frames.shape[1]
+                flat_src = frames.reshape(3, -1)
+                lab = _to_lab(flat_src.view(3, t, H * W), cd, block)                    # [3, t, H*W]
+                std, _, flat = _center_std(lab)                                          # lab -= mean
+                # (v - mean) * (std_ref / std) + mean_ref; a flat channel gets mean_ref (as the
+                # official's std == 0 branch), which a zero scale gives exactly
+                scale = torch.where(flat, torch.zeros_like(std), ref_std / std)
+                lab.mul_(scale).add_(ref_mean)
+                lab = lab.view(3, -1)
+                res = torch.empty(flat_src.shape, dtype=source.dtype, device=dev)
+                for i in range(0, lab.shape[1], block):
+                    sl = slice(i, i + block)
+                    rgb = lab_to_rgb3(*lab[:, sl])                                        # clipped to [0, 1]
+                    src = _unit_rgb(flat_src[:, sl], cd)
+                    for c in range(3):
+                        res[c, sl] = ((1 - s) * src[c] + s * rgb[c]).mul_(2.0).sub_(1.0)
+                out[bi, :, t0:t0 + t] = res.view(3, t, H, W)
+        return out
 
 
 def _to_lab(rgb: torch.Tensor, dtype: torch.dtype, block: int) -> torch.Tensor:

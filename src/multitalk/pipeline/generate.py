@@ -24,7 +24,7 @@ from multitalk.media.audio import combine_speakers, load_speech, num_video_frame
 from multitalk.media.image import (choose_bucket, cond_image_from_uint8, load_image,
                                    resize_and_center_crop)
 from multitalk.pipeline.clips import plan_clips
-from multitalk.pipeline.color import match_and_blend_colors
+from multitalk.pipeline.color import ColorMatcher
 from multitalk.pipeline.conditioning import (frame_mask, motion_latent_frames,
                                              padded_condition_video, renoise)
 from multitalk.pipeline.engine import Engine
@@ -168,6 +168,7 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
     ref_masks = cond.ref_masks.to(device)
     reference = cond.cond_image.to(device)          # colour-correction reference (first clip's frame)
     cond_frames = reference                         # [3, n_cond, H, W]
+    colour = ColorMatcher(reference[None], params.color_correction_strength)
     guidance_branches = GuidanceState(params).num_branches
     teacache = (TeaCache(steps, params.teacache_thresh, params.size, branches=guidance_branches)
                 if params.use_teacache else None)
@@ -228,8 +229,7 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
             with engine.placement.use(engine.vae):
                 for chunk in engine.vae.decode_chunks(latent):       # [3, n, H, W] float32
                     if params.color_correction_strength > 0:
-                        chunk = match_and_blend_colors(chunk[None], reference[None],
-                                                       params.color_correction_strength)[0]
+                        chunk = colour(chunk[None])[0]
                     parts.append(chunk)
                     f1 = f0 + chunk.shape[1]
                     lo, hi = max(f0, clip.keep_from), min(f1, emit_end)
