@@ -97,6 +97,16 @@ def test_official_defaults():
     assert 0 <= GenerationParams(seed=-1).seed <= 99_999_999
 
 
+def test_official_option_names_are_accepted():
+    """Requests written for generate_multitalk.py keep working (service params, JSON configs)."""
+    p = GenerationParams.model_validate({"sample_text_guide_scale": 1.0, "sample_audio_guide_scale": 2.5,
+                                         "base_seed": 7, "sample_steps": 8})
+    assert (p.text_guide_scale, p.audio_guide_scale, p.seed, p.sample_steps) == (1.0, 2.5, 7, 8)
+    assert GenerationParams(seed=3).seed == 3 and GenerationParams(text_guide_scale=2).text_guide_scale == 2
+    with pytest.raises(ValidationError, match="base_seed"):   # both spellings at once: ambiguous
+        GenerationParams.model_validate({"seed": 1, "base_seed": 2})
+
+
 def test_frame_num_must_be_4n_plus_1():
     with pytest.raises(UserInputError) as e:
         GenerationParams.from_cli(frame_num=80)

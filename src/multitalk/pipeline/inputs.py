@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
 from multitalk.errors import UserInputError
@@ -244,9 +244,13 @@ class GenerationParams(BaseModel):
     mode: Literal["clip", "streaming"] = "clip"  # one clip, or clips until the audio ends
     sample_steps: int = Field(40, ge=1, le=1000)
     sample_shift: float | None = Field(None, gt=0)  # None: 7 (480) / 11 (720)
-    text_guide_scale: float = Field(5.0, ge=0)
-    audio_guide_scale: float = Field(4.0, ge=0)
-    seed: int = Field(42, ge=-1)   # -1: a random seed is drawn at validation
+    # the official script's names are accepted too (sample_text_guide_scale, ..., base_seed)
+    text_guide_scale: float = Field(5.0, ge=0, validation_alias=AliasChoices(
+        "text_guide_scale", "sample_text_guide_scale"))
+    audio_guide_scale: float = Field(4.0, ge=0, validation_alias=AliasChoices(
+        "audio_guide_scale", "sample_audio_guide_scale"))
+    seed: int = Field(42, ge=-1, validation_alias=AliasChoices(
+        "seed", "base_seed"))   # -1: a random seed is drawn at validation
     n_prompt: str = ""             # "" -> the official negative prompt
     use_teacache: bool = False
     teacache_thresh: float = Field(0.2, gt=0)
