@@ -751,8 +751,8 @@ def section_clip4(b: Bench) -> None:
 
 def _clip4_once(b: Bench, engine, dit, steps: int, sec: dict, label: str):
     import multitalk.pipeline.generate as gen_mod
-    from multitalk.pipeline.generate import Conditions, generate
     from multitalk.media.video import BackgroundWriter
+    from multitalk.pipeline.generate import Conditions, generate
     from multitalk.pipeline.inputs import GenerationParams
     from multitalk.pipeline.speakers import speaker_masks
 
@@ -1041,7 +1041,9 @@ def main(argv: list[str] | None = None) -> int:
     setting = make_setting(args)
     name = torch.cuda.get_device_name(setting.device) if setting.device.type == "cuda" else "cpu-tiny"
     report = Report(args.out_dir, name)
-    report.data.update(tokens=setting.tokens, environment=environment(setting), argv=sys.argv[1:],
+    # the output folder is a path of the machine that ran it: recorded as a placeholder
+    argv = ["<out-dir>" if Path(a) == Path(args.out_dir) else a for a in sys.argv[1:]]
+    report.data.update(tokens=setting.tokens, environment=environment(setting), argv=argv,
                        started=dt.datetime.now().isoformat(timespec="seconds"))
     report.save()
     bench = Bench(setting, args, report)

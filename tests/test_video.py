@@ -1,13 +1,13 @@
 """Mp4Writer: H.264 yuv420p video fed clip by clip + AAC audio cut to the video duration."""
 
+import threading
+
 import av
 import numpy as np
 import pytest
 import torch
 
 from multitalk.errors import UserInputError
-import threading
-
 from multitalk.media.video import BackgroundWriter, Mp4Writer, to_uint8_frames
 
 SR = 16000

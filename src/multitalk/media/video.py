@@ -62,7 +62,20 @@ def _check_output(path: Path) -> None:
         raise UserInputError("out", f"the output folder {folder} is not writable", "choose a writable location")
 
 
-class Mp4Writer:
+class _ClosesOnExit:
+    """``with`` protocol of the writers: ``close()`` on success, ``abort()`` on an exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Mp4Writer(_ClosesOnExit):
     """Write an mp4 clip by clip::
 
         with Mp4Writer("out.mp4", width=896, height=448, fps=25, audio=speech) as w:
@@ -161,17 +174,8 @@ class Mp4Writer:
                 pass
         self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "Mp4Writer":
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class BackgroundWriter:
+class BackgroundWriter(_ClosesOnExit):
     """Runs a writer's ``write_frames`` on its own thread, so encoding overlaps the caller's work.
 
     The generator hands decoded frames over and goes on decoding the next ones on the GPU while
@@ -232,12 +236,3 @@ class BackgroundWriter:
         if self._thread.is_alive():
             self._queue.put(self._STOP)
             self._thread.join()
-
-    def __enter__(self) -> "BackgroundWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -199,9 +199,7 @@ class WanVAE(torch.nn.Module):
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalised latent ``[16, T', h, w]`` -> video ``[3, 1+4(T'-1), 8h, 8w]`` in ``[-1, 1]`` (float32)."""
-        _check_latent(latent, self.z_dim)
-        z = latent.to(device=self.device, dtype=torch.float32) / self.inv_std + self.mean
-        video = self.model.decode(z.to(self.dtype).unsqueeze(0)).sample[0].float()
+        video = self.model.decode(self._denormalise(latent)).sample[0].float()
         return video.clamp_(-1.0, 1.0)
 
     @torch.no_grad()
@@ -213,22 +211,27 @@ class WanVAE(torch.nn.Module):
         can colour-correct, copy and encode the first frames while the GPU decodes the next ones.
         Tiled or patchified models (not Wan 2.1's) fall back to one chunk.
         """
-        _check_latent(latent, self.z_dim)
         m = self.model
         if m.use_tiling or m.config.patch_size is not None:
             yield self.decode(latent)
             return
-        z = latent.to(device=self.device, dtype=torch.float32) / self.inv_std + self.mean
+        z = self._denormalise(latent)
         m.clear_cache()
         try:
-            x = m.post_quant_conv(z.to(self.dtype).unsqueeze(0))
+            x = m.post_quant_conv(z)
             for i in range(x.shape[2]):
                 m._conv_idx = [0]
                 out = m.decoder(x[:, :, i:i + 1], feat_cache=m._feat_map, feat_idx=m._conv_idx,
                                 first_chunk=i == 0)
-                yield out.clamp(-1.0, 1.0)[0].float().clamp_(-1.0, 1.0)
+                yield out.clamp(-1.0, 1.0)[0].float()
         finally:
             m.clear_cache()
+
+    def _denormalise(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalised ``[16, T', h, w]`` -> the diffusers decoder's input ``[1, 16, T', h, w]`` (model dtype)."""
+        _check_latent(latent, self.z_dim)
+        z = latent.to(device=self.device, dtype=torch.float32) / self.inv_std + self.mean
+        return z.to(self.dtype).unsqueeze(0)
 
 
 def _check_video(video, temporal_stride: int, spatial_stride: int) -> None:

@@ -35,10 +35,14 @@ _CHUNK_PIXELS = 1 << 22
 _CPU_BLOCK_PIXELS = 1 << 16
 
 
-def _validate(source: torch.Tensor, reference: torch.Tensor, strength: float) -> None:
+def _check_strength(strength: float) -> None:
     if not 0.0 <= strength <= 1.0:
         raise UserInputError("color_correction_strength", f"must be between 0 and 1, got {strength}",
                              "e.g. 1.0 (official CLI default) or 0 to disable")
+
+
+def _validate(source: torch.Tensor, reference: torch.Tensor, strength: float) -> None:
+    _check_strength(strength)
     if source.dim() != 5 or reference.dim() != 5 or source.shape[1] != 3 or reference.shape[2] != 1:
         raise ValueError(f"expected source [B,3,T,H,W] and reference [B,3,1,H,W], "
                          f"got {tuple(source.shape)} and {tuple(reference.shape)}")
@@ -70,8 +74,7 @@ class ColorMatcher:
 
     def __init__(self, reference: torch.Tensor, strength: float, *,
                  compute_dtype: torch.dtype = torch.float64):
-        if not 0.0 <= strength <= 1.0:
-            _validate(reference, reference, strength)
+        _check_strength(strength)
         self.reference, self.strength, self.compute_dtype = reference, float(strength), compute_dtype
         self._stats: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 

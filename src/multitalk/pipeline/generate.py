@@ -228,8 +228,7 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
             parts, f0 = [], 0
             with engine.placement.use(engine.vae):
                 for chunk in engine.vae.decode_chunks(latent):       # [3, n, H, W] float32
-                    if params.color_correction_strength > 0:
-                        chunk = colour(chunk[None])[0]
+                    chunk = colour(chunk[None])[0]                     # as is at strength 0
                     parts.append(chunk)
                     f1 = f0 + chunk.shape[1]
                     lo, hi = max(f0, clip.keep_from), min(f1, emit_end)
