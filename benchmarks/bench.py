@@ -14,8 +14,11 @@ the report and the run goes on), and rewrites the JSON report after every measur
 * ``teacache``  forwards TeaCache skips over a 40-step schedule (shift 7) at 0.2 / 0.3
 * ``fp8``       row-wise fp8 linears: time and relative L2 error against the bf16 output
 * ``baseline``  diffusers' plain ``WanTransformer3DModel`` (Wan2.1 I2V-14B config), same inputs
-* ``clip4``     one 81-frame clip at 4 steps through ``pipeline.generate`` (+ mp4), per stage
 * ``compile``   regional ``compile_repeated_blocks``: compile time and compiled forward
+* ``compiled_extra``  the compiled model: 2 speakers, kernel breakdown, fp8 variants
+* ``vae``       full-size VAE encode (81 frames) and chunked decode (21 latent frames), as loaded
+                and with ``runtime.vae_fusion`` (compiled): times, compile time, relative error
+* ``clip4``     one 81-frame clip at 4 steps through ``pipeline.generate`` (+ mp4), per stage
 
 ``--tiny-cpu`` runs the same code on CPU with the TINY architecture and a 9-frame 32x32 video in seconds
 (CUDA-only figures stay NaN). See ``benchmarks/README.md``.
@@ -55,7 +58,7 @@ import flops as flop_count  # noqa: E402  (benchmarks/flops.py)
 
 from multitalk.models.architecture import FULL_14B, TINY, Architecture  # noqa: E402
 
-SECTIONS = ("ceilings", "forward", "teacache", "fp8", "baseline", "compile", "compiled_extra", "clip4")
+SECTIONS = ("ceilings", "forward", "teacache", "fp8", "baseline", "compile", "compiled_extra", "vae", "clip4")
 NAN = float("nan")
 GIB = 2**30
 
@@ -401,9 +404,9 @@ def build_engine(s: Setting, dit, seed: int = 11):
     from multitalk.models.checkpoint import build_on_meta
     from multitalk.models.image_encoder import ImageEncoder, build_clip_on_meta, load_clip_weights
     from multitalk.models.text_encoder import TextEncoder, build_umt5_on_meta, load_t5_tokenizer, load_t5_weights
-    from multitalk.models.vae import WanVAE, build_vae_model, load_vae_weights
     from multitalk.pipeline.engine import Engine
-    from multitalk.runtime.placement import Placement, configure_backends, resolve_dtype
+    from multitalk.runtime.placement import Placement, configure_backends
+    from multitalk.runtime.vae_fusion import fuse_vae
 
     arch, dev = s.arch, s.device
     seconds = {}
@@ -435,10 +438,10 @@ def build_engine(s: Setting, dit, seed: int = 11):
         return ImageEncoder(model, arch.clip).to(dev)
 
     def vae():
-        model = build_on_meta(lambda: build_vae_model(arch.vae))
-        load_vae_weights(model, random_items("vae", tiny.vae_key_shapes(arch.vae), dev, seed + 4), arch.vae,
-                         device=dev, dtype=resolve_dtype("auto", dev))  # the Engine's default VAE dtype
-        return WanVAE(model, arch.vae)
+        wan_vae = build_vae(s, seed + 4)
+        if dev.type == "cuda":  # what Engine.load does with compile on (the CUDA default)
+            fuse_vae(wan_vae, compile=True)
+        return wan_vae
 
     def audio():
         numbers = tiny.TINY_WAV2VEC2 if s.tiny else tiny.Wav2Vec2Numbers()
@@ -453,6 +456,19 @@ def build_engine(s: Setting, dit, seed: int = 11):
                     vae=timed("vae", vae), audio_encoder=timed("audio_encoder", audio), transformer=dit,
                     device=dev, dtype=s.dtype, placement=Placement(dev), load_seconds=seconds)
     return engine
+
+
+def build_vae(s: Setting, seed: int):
+    """The Wan VAE with random weights through the official-key loader, in the Engine's default dtype."""
+    from multitalk.models import tiny
+    from multitalk.models.checkpoint import build_on_meta
+    from multitalk.models.vae import WanVAE, build_vae_model, load_vae_weights
+    from multitalk.runtime.placement import resolve_dtype
+
+    model = build_on_meta(lambda: build_vae_model(s.arch.vae))
+    load_vae_weights(model, random_items("vae", tiny.vae_key_shapes(s.arch.vae), s.device, seed), s.arch.vae,
+                     device=s.device, dtype=resolve_dtype("auto", s.device))
+    return WanVAE(model, s.arch.vae)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,6 +738,57 @@ def section_baseline(b: Bench) -> None:
         free_memory(s.device)
 
 
+def section_vae(b: Bench) -> None:
+    """The VAE alone at the clip's size: encode of the 81-frame conditioning video (image + zeros, as
+    the pipeline builds it) and chunked decode of a 21-frame latent; as loaded, then with the fused
+    (compiled) element-wise chains of ``runtime.vae_fusion``. Same weights, same inputs."""
+    from multitalk.runtime.placement import configure_backends
+    from multitalk.runtime.vae_fusion import fuse_vae
+
+    s, sec = b.setting, b.report.section("vae")
+    b.require(60 if s.device.type == "cuda" else 20, "vae")
+    configure_backends(s.device)
+    vae = build_vae(s, seed=15)
+    g = torch.Generator().manual_seed(3)
+    video = torch.cat([torch.rand(3, 1, s.height, s.width, generator=g) * 2 - 1,
+                       torch.zeros(3, s.frames - 1, s.height, s.width)], dim=1)
+    t, h, w = s.latent_grid
+    latent = torch.randn(vae.z_dim, t, h, w, generator=g)
+
+    def encode():
+        return vae.encode(video)
+
+    def decode():
+        chunks = [c for c in vae.decode_chunks(latent)]
+        return torch.cat(chunks, dim=1)
+
+    try:
+        results = {}
+        for label in ("loaded", "fused"):
+            if label == "fused":
+                sec["fused_sites"] = fuse_vae(vae, compile=s.device.type == "cuda")
+            for name, fn in (("encode", encode), ("decode", decode)):
+                sync(s.device)
+                t0 = time.perf_counter()
+                out = fn()
+                sync(s.device)
+                first = time.perf_counter() - t0
+                stats, out = measure(fn, s.device, warmup=0, repeat=2)
+                sec[f"{name}_{label}"] = dict(stats, first_call_s=first)
+                results[(name, label)] = out.float().cpu()
+                b.log(f"vae {name} {label}: first {first:.2f}s, median {stats['median_s']:.3f}s")
+            b.report.save()
+        for name in ("encode", "decode"):
+            sec[f"{name}_rel_err"] = rel_l2(results[(name, "fused")], results[(name, "loaded")])
+            sec[f"{name}_fused_over_loaded"] = _ratio(sec[f"{name}_fused"]["median_s"],
+                                                      sec[f"{name}_loaded"]["median_s"])
+        b.log(f"vae fused/loaded: encode {sec['encode_fused_over_loaded']:.3f} (err {sec['encode_rel_err']:.2e}), "
+              f"decode {sec['decode_fused_over_loaded']:.3f} (err {sec['decode_rel_err']:.2e})")
+    finally:
+        del vae
+        free_memory(s.device)
+
+
 def section_clip4(b: Bench) -> None:
     """One 81-frame clip end to end, twice on the same engine: cold (first use of every shape,
     cuDNN autotuning) and warm (what a service worker sees from its second job on)."""
@@ -950,7 +1017,7 @@ def section_compiled_extra(b: Bench) -> None:
 
 SECTION_FUNCS = {"ceilings": section_ceilings, "forward": section_forward, "teacache": section_teacache,
                  "fp8": section_fp8, "baseline": section_baseline, "clip4": section_clip4,
-                 "compile": section_compile, "compiled_extra": section_compiled_extra}
+                 "compile": section_compile, "compiled_extra": section_compiled_extra, "vae": section_vae}
 
 
 def run_section(b: Bench, name: str) -> None:

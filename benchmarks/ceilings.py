@@ -63,6 +63,56 @@ def sdpa_tflops(tokens: int, heads: int = 40, head_dim: int = 128) -> dict[str, 
     return out
 
 
+def sdpa_in_context(tokens: int, heads: int = 40, head_dim: int = 128, blocks: int = 20) -> dict:
+    """cuDNN self-attention rate when it runs the way it does inside the DiT, as a diagnostic of the gap
+    between the isolated rate above and the model: q/k/v as [B, L, H, D] storage seen through a
+    transposed view, and each call between one block's worth of bf16 matmuls (q, k, v, o projections and
+    the feed-forward pair at the DiT's shapes), for ``blocks`` blocks back to back. Only the attention
+    calls are timed (CUDA events around each); the SM clock (MHz, via NVML) is sampled after the run
+    when ``torch.cuda.clock_rate`` works. Compare ``tflops`` with ``sdpa_tflops['cudnn']``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dim, ffn = heads * head_dim, 13824
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    q, k, v = (randn(1, tokens, heads, head_dim).transpose(1, 2) for _ in range(3))
+    x, w_attn = randn(tokens, dim), randn(dim, dim) * dim ** -0.5
+    w_up, w_down = randn(dim, ffn) * dim ** -0.5, randn(ffn, dim) * ffn ** -0.5
+    flops = 4 * tokens * tokens * head_dim * heads
+
+    def matmuls():
+        for _ in range(4):
+            x @ w_attn
+        (x @ w_up) @ w_down
+
+    out = {"blocks": blocks}
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        for label, between in (("back_to_back", None), ("between_matmuls", matmuls)):
+            F.scaled_dot_product_attention(q, k, v)
+            torch.cuda.synchronize()
+            events = []
+            for _ in range(blocks):
+                if between is not None:
+                    between()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                F.scaled_dot_product_attention(q, k, v)
+                end.record()
+                events.append((start, end))
+            torch.cuda.synchronize()
+            times = sorted(s.elapsed_time(e) / 1e3 for s, e in events)
+            out[label] = {"median_s": times[len(times) // 2], "tflops": flops / times[len(times) // 2] / 1e12,
+                          "last_s": events[-1][0].elapsed_time(events[-1][1]) / 1e3}
+            try:
+                out[label]["sm_clock_mhz_after"] = torch.cuda.clock_rate()
+            except Exception as exc:  # NVML not available
+                out[label]["sm_clock_error"] = str(exc)[:120]
+    return out
+
+
 def h2d_pinned_gbps(mib: int = 1024) -> float:
     host = torch.empty(mib * 2**20, dtype=torch.uint8).pin_memory()
     dev = torch.empty_like(host, device="cuda")
@@ -80,4 +130,5 @@ def measure_all(tokens: int) -> dict:
         "sdpa_best_backend": max(rates, key=rates.get) if rates else None,
         "sdpa_best_tflops": max(rates.values()) if rates else float("nan"),
         "h2d_pinned_gbps": h2d_pinned_gbps(),
+        "sdpa_cudnn_in_context": sdpa_in_context(tokens),
     }

@@ -95,7 +95,7 @@ def generate(
     dtype: str = _opt("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32."),
     offload: bool = _opt(False, "--offload_model", "--offload-model", "--offload", help="Keep only the running model on the GPU."),
     fp8: bool = _opt(False, "--fp8", help="FP8 linears in the DiT (Hopper)."),
-    compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Regional torch.compile of the DiT blocks (default: on for CUDA)."),
+    compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Regional torch.compile of the DiT blocks and fused VAE element-wise kernels (default: on for CUDA)."),
     save_tensor: Optional[Path] = _opt(None, "--save-tensor", "--save_tensor", help="Also store the float video as safetensors key 'video' (3,T,H,W)."),
     quiet: bool = _opt(False, "--quiet", "-q", help="No progress bars."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),

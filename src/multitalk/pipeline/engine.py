@@ -33,7 +33,8 @@ class EngineConfig:
     vae_dtype: str = "auto"            # "auto": bf16 on CUDA (like the DiT), fp32 on CPU
     offload: bool = False              # onload each model only while it runs
     fp8: bool = False                  # fp8 row-wise linears in the DiT blocks (Hopper)
-    compile: bool | None = None        # regional torch.compile of the DiT blocks; None: on for CUDA
+    compile: bool | None = None        # regional torch.compile of the DiT blocks + fused VAE element-wise
+                                       # chains (runtime.vae_fusion); None: on for CUDA
     attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
 
     def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
@@ -110,5 +111,8 @@ class Engine:
         if config.attention_backend:
             dit.set_attention_backend(config.attention_backend)
         if config.compile or (config.compile is None and device.type == "cuda"):
+            from multitalk.runtime.vae_fusion import fuse_vae
+
             dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
+            fuse_vae(vae, compile=True)  # the VAE's norm -> SiLU -> causal-pad chains as fused kernels
         return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings)
