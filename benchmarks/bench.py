@@ -440,7 +440,7 @@ def build_engine(s: Setting, dit, seed: int = 11):
     def vae():
         wan_vae = build_vae(s, seed + 4)
         if dev.type == "cuda":  # what Engine.load does with compile on (the CUDA default)
-            fuse_vae(wan_vae, compile=True)
+            fuse_vae(wan_vae)
         return wan_vae
 
     def audio():
@@ -740,13 +740,16 @@ def section_baseline(b: Bench) -> None:
 
 def section_vae(b: Bench) -> None:
     """The VAE alone at the clip's size: encode of the 81-frame conditioning video (image + zeros, as
-    the pipeline builds it) and chunked decode of a 21-frame latent; as loaded, then with the fused
-    (compiled) element-wise chains of ``runtime.vae_fusion``. Same weights, same inputs."""
+    the pipeline builds it) and chunked decode of a 21-frame latent. Variants on the same weights and
+    inputs: ``loaded`` (diffusers as loaded; with a CUDA kernel breakdown), ``channels_last`` (the
+    loaded model with channels-last 3-D weights, a probe of cuDNN's layout preference), ``fused``
+    (``runtime.vae_fusion`` as the Engine applies it). Relative errors are against ``loaded``."""
     from multitalk.runtime.placement import configure_backends
     from multitalk.runtime.vae_fusion import fuse_vae
 
     s, sec = b.setting, b.report.section("vae")
-    b.require(60 if s.device.type == "cuda" else 20, "vae")
+    cuda = s.device.type == "cuda"
+    b.require(60 if cuda else 20, "vae")
     configure_backends(s.device)
     vae = build_vae(s, seed=15)
     g = torch.Generator().manual_seed(3)
@@ -754,36 +757,45 @@ def section_vae(b: Bench) -> None:
                        torch.zeros(3, s.frames - 1, s.height, s.width)], dim=1)
     t, h, w = s.latent_grid
     latent = torch.randn(vae.z_dim, t, h, w, generator=g)
+    calls = {"encode": lambda: vae.encode(video),
+             "decode": lambda: torch.cat(list(vae.decode_chunks(latent)), dim=1)}
+    results = {}
 
-    def encode():
-        return vae.encode(video)
-
-    def decode():
-        chunks = [c for c in vae.decode_chunks(latent)]
-        return torch.cat(chunks, dim=1)
+    def run(label: str) -> None:
+        for name, fn in calls.items():
+            sync(s.device)
+            t0 = time.perf_counter()
+            fn()
+            sync(s.device)
+            first = time.perf_counter() - t0
+            stats, out = measure(fn, s.device, warmup=0, repeat=2)
+            sec[f"{name}_{label}"] = dict(stats, first_call_s=first)
+            results[(name, label)] = out.float().cpu()
+            if label != "loaded":
+                sec[f"{name}_{label}_rel_err"] = rel_l2(results[(name, label)], results[(name, "loaded")])
+                sec[f"{name}_{label}_over_loaded"] = _ratio(stats["median_s"], sec[f"{name}_loaded"]["median_s"])
+            b.log(f"vae {name} {label}: first {first:.2f}s, median {stats['median_s']:.3f}s")
+            b.report.save()
 
     try:
-        results = {}
-        for label in ("loaded", "fused"):
-            if label == "fused":
-                sec["fused_sites"] = fuse_vae(vae, compile=s.device.type == "cuda")
-            for name, fn in (("encode", encode), ("decode", decode)):
-                sync(s.device)
-                t0 = time.perf_counter()
-                out = fn()
-                sync(s.device)
-                first = time.perf_counter() - t0
-                stats, out = measure(fn, s.device, warmup=0, repeat=2)
-                sec[f"{name}_{label}"] = dict(stats, first_call_s=first)
-                results[(name, label)] = out.float().cpu()
-                b.log(f"vae {name} {label}: first {first:.2f}s, median {stats['median_s']:.3f}s")
-            b.report.save()
-        for name in ("encode", "decode"):
-            sec[f"{name}_rel_err"] = rel_l2(results[(name, "fused")], results[(name, "loaded")])
-            sec[f"{name}_fused_over_loaded"] = _ratio(sec[f"{name}_fused"]["median_s"],
-                                                      sec[f"{name}_loaded"]["median_s"])
-        b.log(f"vae fused/loaded: encode {sec['encode_fused_over_loaded']:.3f} (err {sec['encode_rel_err']:.2e}), "
-              f"decode {sec['decode_fused_over_loaded']:.3f} (err {sec['decode_rel_err']:.2e})")
+        run("loaded")
+        if cuda:
+            for name, fn in calls.items():
+                sec[f"{name}_loaded_breakdown"] = kernel_breakdown(fn)
+            vae.model.to(memory_format=torch.channels_last_3d)
+            try:
+                run("channels_last")
+            except Exception as exc:  # a probe: record and go on
+                sec["channels_last_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            vae.model.to(memory_format=torch.contiguous_format)
+        sec["fused_sites"] = fuse_vae(vae)
+        sec["fused_impl"] = vae.model._multitalk_fused
+        run("fused")
+        if cuda:
+            for name, fn in calls.items():
+                sec[f"{name}_fused_breakdown"] = kernel_breakdown(fn)
+        b.log("vae fused/loaded: " + ", ".join(
+            f"{n} {sec[f'{n}_fused_over_loaded']:.3f} (err {sec[f'{n}_fused_rel_err']:.2e})" for n in calls))
     finally:
         del vae
         free_memory(s.device)
