@@ -782,12 +782,15 @@ def section_vae(b: Bench) -> None:
         if cuda:
             for name, fn in calls.items():
                 sec[f"{name}_loaded_breakdown"] = kernel_breakdown(fn)
-            vae.model.to(memory_format=torch.channels_last_3d)
+            conv3d = [m for m in vae.model.modules() if isinstance(m, torch.nn.Conv3d)]
             try:
+                for m in conv3d:
+                    m.weight.data = m.weight.data.to(memory_format=torch.channels_last_3d)
                 run("channels_last")
             except Exception as exc:  # a probe: record and go on
                 sec["channels_last_error"] = f"{type(exc).__name__}: {exc}"[:500]
-            vae.model.to(memory_format=torch.contiguous_format)
+            for m in conv3d:
+                m.weight.data = m.weight.data.contiguous()
         sec["fused_sites"] = fuse_vae(vae)
         sec["fused_impl"] = vae.model._multitalk_fused
         run("fused")

@@ -99,12 +99,15 @@ def test_triton_kernel_matches_reference(frames, prev_frames):
     """The Triton kernel (run by Triton's interpreter on CPU where Triton is installed; the GPU
     benchmark runs it for real): padded buffer and cache against the eager reference."""
     triton_interpreter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(frames)
     norm = WanRMS_norm(24, images=False)
     norm.gamma.data = torch.rand(24, 1, 1, 1, generator=g) + 0.5
     norm.register_buffer("fused_weight", norm.gamma.detach().flatten() * norm.scale)
+    norm.to(device)
     x = torch.randn(1, 24, 6, 7, 9, generator=g)[:, :, :frames].transpose(3, 4).contiguous().transpose(3, 4)
-    prev = torch.randn(1, 24, prev_frames, 7, 9, generator=g) if prev_frames else None
+    x = x.to(device)  # a non-contiguous activation (as after an upsampler's permute)
+    prev = torch.randn(1, 24, prev_frames, 7, 9, generator=g).to(device) if prev_frames else None
     want = EagerNormSiLU().norm_silu_causal_pad(x, norm, prev, (1, 1, 1, 1, 2, 0))
     got = TritonNormSiLU().norm_silu_causal_pad(x, norm, prev, (1, 1, 1, 1, 2, 0))
     for a, b in zip(got, want):
