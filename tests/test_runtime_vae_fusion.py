@@ -117,6 +117,18 @@ def test_triton_kernel_matches_reference(frames, prev_frames):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_picks_triton_for_a_gpu_model_only_when_triton_is_there(fresh_vae):
+    """An offloaded VAE is loaded on the CPU and runs on the GPU: ``device`` decides the kernel."""
+    import importlib.util
+
+    vae = fresh_vae()
+    assert fuse_vae(vae, device="cuda") > 0
+    assert vae.model._multitalk_fused == ("triton" if importlib.util.find_spec("triton") else "eager")
+    cpu_vae = fresh_vae()
+    fuse_vae(cpu_vae)
+    assert cpu_vae.model._multitalk_fused == "eager"
+
+
 def test_refuses_what_it_cannot_fuse(fresh_vae):
     with pytest.raises(TypeError, match="AutoencoderKLWan"):
         fuse_vae(torch.nn.Linear(2, 2))

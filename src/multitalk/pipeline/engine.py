@@ -114,5 +114,5 @@ class Engine:
             from multitalk.runtime.vae_fusion import fuse_vae
 
             dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
-            fuse_vae(vae)  # the VAE's norm -> SiLU -> causal-pad chains as one Triton kernel each (CUDA)
+            fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
         return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings)

@@ -231,10 +231,12 @@ class _Upsample2x(nn.Module):
         return F.interpolate(x, scale_factor=(2.0, 2.0), mode="nearest-exact")
 
 
-def fuse_vae(model: nn.Module, impl: str = "auto") -> int:
+def fuse_vae(model: nn.Module, impl: str = "auto", device: torch.device | str | None = None) -> int:
     """Rewrite ``model`` (an ``AutoencoderKLWan``, or a ``WanVAE`` holding one) in place and return
-    how many sites were fused. ``impl``: ``"auto"`` (Triton on CUDA when available, else eager),
-    ``"triton"`` or ``"eager"``. Idempotent; the model must be in eval mode (dropout is not applied)."""
+    how many sites were fused. ``impl``: ``"auto"`` (Triton when the model runs on CUDA and Triton is
+    available, else eager), ``"triton"`` or ``"eager"``; ``device``: where the model will run (default:
+    where it is now; an offloaded model is loaded on the CPU and runs on the GPU). Idempotent; the
+    model must be in eval mode (dropout is not applied)."""
     vae = model.model if isinstance(getattr(model, "model", None), wan_vae.AutoencoderKLWan) else model
     if not isinstance(vae, wan_vae.AutoencoderKLWan):
         raise TypeError(f"fuse_vae expects an AutoencoderKLWan, got {type(vae).__name__}")
@@ -242,7 +244,8 @@ def fuse_vae(model: nn.Module, impl: str = "auto") -> int:
         raise ValueError("fuse_vae needs the VAE in eval mode (call .eval() first)")
     if getattr(vae, "_multitalk_fused", None):
         return 0
-    impls = {"auto": lambda: _default_impl(vae.device), "triton": TritonNormSiLU, "eager": EagerNormSiLU}
+    run_on = torch.device(device) if device is not None else vae.device
+    impls = {"auto": lambda: _default_impl(run_on), "triton": TritonNormSiLU, "eager": EagerNormSiLU}
     if impl not in impls:
         raise ValueError(f"unknown impl {impl!r}; use one of {sorted(impls)}")
     kernels = impls[impl]()
