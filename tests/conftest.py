@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without CUDA, Triton kernels (runtime/vae_fusion.py) are checked through Triton's interpreter. It
+# must be chosen before anything imports triton (diffusers does), hence here, right after torch.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
