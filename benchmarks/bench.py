@@ -16,8 +16,8 @@ the report and the run goes on), and rewrites the JSON report after every measur
 * ``baseline``  diffusers' plain ``WanTransformer3DModel`` (Wan2.1 I2V-14B config), same inputs
 * ``compile``   regional ``compile_repeated_blocks``: compile time and compiled forward
 * ``compiled_extra``  the compiled model: 2 speakers, kernel breakdown, fp8 variants
-* ``vae``       full-size VAE encode (81 frames) and chunked decode (21 latent frames), as loaded
-                and with ``runtime.vae_fusion`` (compiled): times, compile time, relative error
+* ``vae``       full-size VAE encode (81 frames) and chunked decode (21 latent frames): as loaded,
+                channels-last probe, ``runtime.vae_fusion``; times, kernel breakdowns, relative error
 * ``clip4``     one 81-frame clip at 4 steps through ``pipeline.generate`` (+ mp4), per stage
 
 ``--tiny-cpu`` runs the same code on CPU with the TINY architecture and a 9-frame 32x32 video in seconds

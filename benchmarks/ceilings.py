@@ -103,8 +103,8 @@ def sdpa_in_context(tokens: int, heads: int = 40, head_dim: int = 128, blocks: i
                 end.record()
                 events.append((start, end))
             torch.cuda.synchronize()
-            times = sorted(s.elapsed_time(e) / 1e3 for s, e in events)
-            out[label] = {"median_s": times[len(times) // 2], "tflops": flops / times[len(times) // 2] / 1e12,
+            median = statistics.median(s.elapsed_time(e) / 1e3 for s, e in events)
+            out[label] = {"median_s": median, "tflops": flops / median / 1e12,
                           "last_s": events[-1][0].elapsed_time(events[-1][1]) / 1e3}
             try:
                 out[label]["sm_clock_mhz_after"] = torch.cuda.clock_rate()

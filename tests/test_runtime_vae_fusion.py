@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import rel_l2
 
-from multitalk.models.vae import WanVAE
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 
+from multitalk.models.vae import WanVAE
 from multitalk.runtime.vae_fusion import EagerNormSiLU, TritonNormSiLU, causal_input, fuse_vae
 
 
@@ -96,8 +96,8 @@ def test_causal_input_matches_cat_and_pad():
 
 @pytest.mark.parametrize("frames,prev_frames", [(4, 2), (1, 1), (1, None), (2, 2)])
 def test_triton_kernel_matches_reference(frames, prev_frames):
-    """The Triton kernel (run by Triton's interpreter on CPU where Triton is installed; the GPU
-    benchmark runs it for real): padded buffer and cache against the eager reference."""
+    """The Triton kernel (on CUDA, or through Triton's interpreter on CPU): padded buffer and cache
+    against the eager reference."""
     triton_interpreter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(frames)

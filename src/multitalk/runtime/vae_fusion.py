@@ -249,14 +249,17 @@ def fuse_vae(model: nn.Module, impl: str = "auto", device: torch.device | str | 
     if impl not in impls:
         raise ValueError(f"unknown impl {impl!r}; use one of {sorted(impls)}")
     kernels = impls[impl]()
-    norms = [m for m in vae.modules() if _fusable_norm(m)]
-    for norm in norms:
-        norm.register_buffer("fused_weight", norm.gamma.detach().float().flatten() * norm.scale, persistent=False)
+    if isinstance(kernels, TritonNormSiLU):  # the kernel's float32 weight, scale * gamma
+        for norm in vae.modules():
+            if _fusable_norm(norm):
+                norm.register_buffer("fused_weight", norm.gamma.detach().float().flatten() * norm.scale,
+                                     persistent=False)
+    residual_forward = _residual_forward(kernels)
     fused = 0
     for module in list(vae.modules()):
         if isinstance(module, wan_vae.WanResidualBlock) and _fusable_norm(module.norm1) \
                 and _fusable_norm(module.norm2):
-            module.forward = types.MethodType(_residual_forward(kernels), module)
+            module.forward = types.MethodType(residual_forward, module)
             fused += 1
         elif isinstance(module, wan_vae.WanResample) and module.mode.startswith("upsample"):
             up = module.resample[0]
