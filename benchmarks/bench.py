@@ -520,6 +520,7 @@ class Bench:
     started: float = field(default_factory=time.perf_counter)
     dit: torch.nn.Module | None = None
     ref_out: torch.Tensor | None = None      # bf16 1-speaker output, for the fp8 / compile errors
+    compiled_ref: torch.Tensor | None = None  # the same from the compiled (production) model
     fwd_estimate_s: float = NAN
 
     def log(self, msg: str) -> None:
@@ -948,11 +949,30 @@ def section_compile(b: Bench) -> None:
         sec["rel_err_vs_eager"] = rel_l2(out.float(), b.ref_out)
     del out
     b.report.save()
+    stats, unfused = b.timed_forward(model, one, "forward bf16 1spk compiled (no dit_fusion)", warm=True)
+    sec["bf16_1spk_unfused"] = stats
+    b.report.set(forward_bf16_1spk_compiled_unfused_s=stats["median_s"])
+
+    # the production path: runtime.dit_fusion as Engine.load applies it, then the same compile
+    from multitalk.runtime.dit_fusion import fuse_dit
+
+    sec["dit_fusion"] = fuse_dit(model, device=s.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model(**one)  # recompiles the block with the fused operations
+    sync(s.device)
+    sec["fused_first_call_s"] = time.perf_counter() - t0
+    sec["fused_rel_err_vs_unfused"] = rel_l2(out.float(), unfused.float())
+    if b.ref_out is not None:
+        sec["fused_rel_err_vs_eager"] = rel_l2(out.float(), b.ref_out)
+    del out, unfused
     stats, out = b.timed_forward(model, one, "forward bf16 1spk compiled", warm=True)
+    b.compiled_ref = out.float()
     del out
     sec["bf16_1spk"] = stats
     b.report.set(forward_bf16_1spk_compiled_s=stats["median_s"],
-                 compiled_over_eager=_ratio(stats["median_s"], b.report.data["forward_bf16_1spk_s"]))
+                 compiled_over_eager=_ratio(stats["median_s"], b.report.data["forward_bf16_1spk_s"]),
+                 fused_over_unfused=_ratio(stats["median_s"], sec["bf16_1spk_unfused"]["median_s"]))
 
 
 def kernel_breakdown(fn: Callable[[], object]) -> dict:
@@ -981,8 +1001,12 @@ def kernel_breakdown(fn: Callable[[], object]) -> dict:
 
 
 def section_compiled_extra(b: Bench) -> None:
-    """After ``compile``: 2 speakers compiled, a kernel breakdown, and fp8 variants compiled."""
-    from multitalk.runtime.fp8 import ffn_fp8_filter, quantize_linears_fp8
+    """After ``compile``: 2 speakers compiled, a kernel breakdown, and fp8 variants compiled.
+
+    fp8 errors are taken against the compiled bf16 output (``rel_err``: same compiled path, so the
+    difference is fp8's alone) and against the eager bf16 output (``rel_err_vs_eager``, which adds
+    the compile's own rounding difference, ``compile.rel_err_vs_eager``)."""
+    from multitalk.runtime.fp8 import ffn_cross_fp8_filter, ffn_fp8_filter, quantize_linears_fp8
 
     s, sec = b.setting, b.report.section("compiled_extra")
     model = b.get_dit()
@@ -1000,33 +1024,52 @@ def section_compiled_extra(b: Bench) -> None:
     if b.ref_out is None:
         with torch.no_grad():
             b.ref_out = model(**one).float()
+    if b.compiled_ref is None:
+        with torch.no_grad():
+            b.compiled_ref = model(**one).float()
     variants = {
-        "ffn": ffn_fp8_filter,
-        "all": fp8_filter(s.tiny),
+        "ffn": (ffn_fp8_filter, False),
+        "ffn_cross": (ffn_cross_fp8_filter, False),
+        "all": (fp8_filter(s.tiny), False),
+        "attention": (None, True),             # cuDNN fp8 self-attention (runtime.attention_fp8), linears bf16
     }
-    for label, include in variants.items():
-        originals = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and include(n, m)}
+    for label, (include, fp8_attention) in variants.items():
+        originals = ({n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and include(n, m)}
+                     if include is not None else {})
         try:
-            sec[f"fp8_{label}_quantized"] = quantize_linears_fp8(model, include=include, out_dtype=s.dtype)
+            if include is not None:
+                sec[f"fp8_{label}_quantized"] = quantize_linears_fp8(model, include=include, out_dtype=s.dtype)
+            if fp8_attention:
+                from multitalk.runtime.attention_fp8 import availability, enable_fp8_self_attention
+
+                ok, why = availability(s.device)
+                if not ok:
+                    raise Skipped(f"fp8 attention: {why}")
+                sec[f"fp8_{label}_blocks"] = enable_fp8_self_attention(model)
             with torch.no_grad():
-                out = model(**one)  # recompile with the fp8 linears
-            err = rel_l2(out.float(), b.ref_out)
+                out = model(**one)  # recompile with the fp8 operations
+            err = rel_l2(out.float(), b.compiled_ref)
+            err_eager = rel_l2(out.float(), b.ref_out)
             del out
             stats, out = b.timed_forward(model, one, f"forward fp8[{label}] 1spk compiled", warm=True)
             del out
-            sec[f"fp8_{label}_1spk"] = dict(stats, rel_err=err)
-            b.log(f"fp8[{label}] compiled: {stats['median_s']:.3f}s, rel err {err:.4f}")
+            sec[f"fp8_{label}_1spk"] = dict(stats, rel_err=err, rel_err_vs_eager=err_eager)
+            b.log(f"fp8[{label}] compiled: {stats['median_s']:.3f}s, rel err {err:.4f} (vs eager {err_eager:.4f})")
             if label == "ffn":  # the production --fp8 default (runtime.fp8.default_fp8_filter)
-                b.report.set(forward_fp8_1spk_s=stats["median_s"], fp8_rel_err=err)
+                b.report.set(forward_fp8_1spk_s=stats["median_s"], fp8_rel_err=err, fp8_rel_err_vs_eager=err_eager)
             b.report.save()
-        except Skipped:
-            raise
+        except Skipped as exc:
+            sec[f"fp8_{label}_skipped"] = str(exc)
         except Exception as exc:
             sec[f"fp8_{label}_error"] = f"{type(exc).__name__}: {exc}"[:800]
         finally:
             for name, module in originals.items():
                 parent, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, leaf, module)
+            if fp8_attention:
+                from multitalk.runtime.attention_fp8 import disable_fp8_self_attention
+
+                disable_fp8_self_attention(model)
             free_memory(s.device)
 
 

@@ -131,18 +131,30 @@ class MultiTalkSelfAttnProcessor:
 
     _attention_backend = None
     _parallel_config = None
+    # ``(attn, q, k, v) -> out`` replacing the attention call, all ``[B, L, heads, D]``; installed by
+    # the runtime layer (``runtime.attention_fp8``), None: diffusers' attention dispatch
+    sdpa_override = None
+    # ``(attn, q, k, rotary_emb) -> (q, k)`` replacing norm_q/norm_k + RoPE (projections in, ``[B, L, heads,
+    # D]`` out); installed by ``runtime.dit_fusion``, None: the eager operations below
+    qk_override = None
 
     def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, rotary_emb=None, return_qk: bool = False):
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _apply_rotary(query, *rotary_emb)
-            key = _apply_rotary(key, *rotary_emb)
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                    backend=self._attention_backend, parallel_config=self._parallel_config)
+        if self.qk_override is not None and rotary_emb is not None:
+            query, key = self.qk_override(attn, query, key, rotary_emb)
+        else:
+            query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+            if rotary_emb is not None:
+                query = _apply_rotary(query, *rotary_emb)
+                key = _apply_rotary(key, *rotary_emb)
+        if self.sdpa_override is not None and attention_mask is None:
+            out = self.sdpa_override(attn, query, key, value)
+        else:
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                        backend=self._attention_backend, parallel_config=self._parallel_config)
         out = attn.to_out[0](out.flatten(2, 3).type_as(query))
         out = attn.to_out[1](out)
         return (out, query, key) if return_qk else out

@@ -111,8 +111,10 @@ class Engine:
         if config.attention_backend:
             dit.set_attention_backend(config.attention_backend)
         if config.compile or (config.compile is None and device.type == "cuda"):
+            from multitalk.runtime.dit_fusion import fuse_dit
             from multitalk.runtime.vae_fusion import fuse_vae
 
+            fuse_dit(dit, device=device)  # q/k norm + RoPE kernel, GELU in the GEMM epilogue (CUDA)
             dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
         return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings)

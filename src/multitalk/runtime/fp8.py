@@ -57,6 +57,15 @@ def ffn_fp8_filter(name: str, module: nn.Linear) -> bool:
             and module.out_features % 16 == 0)
 
 
+def ffn_cross_fp8_filter(name: str, module: nn.Linear) -> bool:
+    """The feed-forward linears plus the query/output projections of the text/image and audio
+    cross-attentions (the self-attention's projections stay bf16)."""
+    cross = (".attn2.to_q" in name or ".attn2.to_out.0" in name or ".audio_cross_attn.q_linear" in name
+             or ".audio_cross_attn.proj" in name)
+    return (name.startswith("blocks.") and (".ffn." in name or cross) and module.in_features % 16 == 0
+            and module.out_features % 16 == 0)
+
+
 def all_blocks_fp8_filter(name: str, module: nn.Linear) -> bool:
     """Every big matmul of the transformer blocks; keep embeddings, heads and small layers."""
     return (name.startswith("blocks.") and module.in_features >= 1024 and module.out_features >= 1024

@@ -1,0 +1,114 @@
+"""runtime.dit_fusion: the fused q/k norm + RoPE kernel and the GELU epilogue compute what the blocks compute.
+
+The Triton kernel runs for real on CUDA and, on CPU machines (CI's included), through Triton's
+interpreter (conftest.py selects it). It is held to the eager chain it replaces on random inputs
+and RoPE tables of a real latent grid, and the fused tiny DiT must still reproduce the golden
+forward vectors. The GPU benchmark measures the speed at full size (``compile`` section).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_l2
+from diffusers.models.activations import GELU
+
+from multitalk.models.transformer import CachedWanRotaryPosEmbed, load_transformer
+from multitalk.runtime.dit_fusion import (FusedLinearGELU, fuse_dit, linear_gelu_tanh, qk_norm_rope,
+                                          reference_qk_norm_rope, unfuse_dit)
+
+
+def triton_runs() -> None:
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA: run with TRITON_INTERPRET=1 to check the kernel on CPU")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _rope_tables(head_dim: int, grid=(3, 4, 6)):
+    rope = CachedWanRotaryPosEmbed(head_dim, (1, 2, 2), 1024)
+    rope.reset_tables(_device())
+    t, h, w = grid
+    return rope(torch.zeros(1, 16, t, 2 * h, 2 * w, device=_device()))      # [1, L, 1, D] each
+
+
+@pytest.mark.parametrize("dtype,heads,batch", [(torch.float32, 3, 2), (torch.bfloat16, 5, 1),
+                                               (torch.float32, 8, 1)])
+def test_qk_norm_rope_matches_the_eager_chain(dtype, heads, batch):
+    triton_runs()
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("Triton's CPU interpreter does not round float32 -> bf16 as the GPU does")
+    head_dim = 32
+    cos, sin = _rope_tables(head_dim)
+    length = cos.shape[1]
+    g = torch.Generator().manual_seed(heads)
+    norm = torch.nn.RMSNorm(heads * head_dim, eps=1e-6).to(_device(), dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(heads * head_dim, generator=g) * 2 + 0.1)
+    # a strided input as the projections give it: every other row of a wider buffer
+    wide = (torch.randn(batch, length, 2 * heads * head_dim, generator=g) * 3).to(_device(), dtype)
+    x = wide[..., : heads * head_dim]
+    with torch.no_grad():
+        ref = reference_qk_norm_rope(x, norm, cos, sin, heads)
+        out = qk_norm_rope(x, norm.weight, cos, sin, heads, 1e-6)
+    assert out.shape == ref.shape == (batch, length, heads, head_dim) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    err = rel_l2(out, ref)
+    # float32: summation order only; bf16: an occasional 1-ulp rounding flip (bf16 ulp: 2^-8 relative)
+    assert err <= (1e-6 if dtype == torch.float32 else 1e-3), err
+
+
+def test_linear_gelu_tanh_is_linear_then_tanh_gelu():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 7, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    assert torch.equal(linear_gelu_tanh(x, w, b), F.gelu(F.linear(x, w, b), approximate="tanh"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt epilogue needs CUDA")
+def test_linear_gelu_epilogue_on_cuda_is_the_tanh_approximation():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(512, 256, device="cuda", generator=g) * 2
+    w = torch.randn(384, 256, device="cuda", generator=g) / 16
+    b = torch.randn(384, device="cuda", generator=g)
+    out = linear_gelu_tanh(x, w, b)
+    tanh = F.gelu(F.linear(x, w, b), approximate="tanh")
+    exact = F.gelu(F.linear(x, w, b))
+    assert rel_l2(out, tanh) < 0.1 * rel_l2(exact, tanh)
+
+
+def test_fused_tiny_dit_reproduces_the_golden_forward(tiny_ckpt_dir, golden_vectors):
+    triton_runs()
+    model = load_transformer(tiny_ckpt_dir)
+    counts = fuse_dit(model, device="cuda")            # what Engine.load does on CUDA
+    assert counts == {"qk_norm_rope": len(model.blocks), "linear_gelu": len(model.blocks)}
+    assert all(isinstance(b.ffn.net[0], FusedLinearGELU) for b in model.blocks)
+    calls = []
+    original = model.blocks[0].attn1.processor.qk_override
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    model.blocks[0].attn1.processor.qk_override = spy
+    for case in ("dit_1person", "dit_2person_bbox"):
+        v = golden_vectors(case)
+        with torch.no_grad():
+            out = model(v["x"][None], v["t"], [v["context"]], v["clip_fea"], v["y"], v["audio"],
+                        v["ref_target_masks"])
+        assert rel_l2(out[0], v["out"]) <= 1e-5
+    assert len(calls) == 2
+    unfuse_dit(model)
+    assert all(isinstance(b.ffn.net[0], GELU) for b in model.blocks)
+    assert all(b.attn1.processor.qk_override is None for b in model.blocks)
+
+
+def test_fuse_dit_leaves_a_cpu_model_alone(tiny_ckpt_dir):
+    model = load_transformer(tiny_ckpt_dir)
+    assert fuse_dit(model) == {"qk_norm_rope": 0, "linear_gelu": 0}
+    assert all(isinstance(b.ffn.net[0], GELU) for b in model.blocks)
