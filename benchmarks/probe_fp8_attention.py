@@ -162,7 +162,7 @@ def attention():
 @step
 def kernel_vs_reference():
     """The cuDNN fp8 kernel against runtime.attention_fp8.reference_sdpa_fp8 (the tests' reference)."""
-    from multitalk.runtime.attention_fp8 import E4M3_MAX, _quantize, cudnn_sdpa_fp8, reference_sdpa_fp8
+    from multitalk.runtime.attention_fp8 import E4M3_MAX, cudnn_sdpa_fp8, quantized_attention, reference_sdpa_fp8
 
     sec = R.setdefault("kernel_vs_reference", {})
     g = torch.Generator(device="cuda").manual_seed(5)
@@ -170,11 +170,8 @@ def kernel_vs_reference():
         q, k, v = (torch.randn(2, seq, heads, D, device="cuda", generator=g) for _ in range(3))
         sq = torch.tensor(E4M3_MAX / 6.0, device="cuda")
         sv = E4M3_MAX / v.abs().amax()
-        s448 = torch.full_like(sv, E4M3_MAX)
-        scales = torch.stack([1 / sq, 1 / sq, 1 / sv, 1 / s448, s448, sv]).float()
-        q8, k8, v8 = _quantize(q, sq), _quantize(k, sq), _quantize(v, sv)
-        out = cudnn_sdpa_fp8(q8, k8, v8, scales).float() / sv
-        ref = reference_sdpa_fp8(q8, k8, v8, scales).float() / sv
+        out = quantized_attention(q, k, v, sq, sq, sv, cudnn_sdpa_fp8)
+        ref = quantized_attention(q, k, v, sq, sq, sv, reference_sdpa_fp8)
         exact = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
         sec[f"s{seq}_h{heads}"] = dict(kernel_vs_reference=rel(out, ref), kernel_vs_exact=rel(out, exact),
                                        reference_vs_exact=rel(ref, exact))

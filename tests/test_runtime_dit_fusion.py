@@ -85,16 +85,20 @@ def test_linear_gelu_epilogue_on_cuda_is_the_tanh_approximation():
 def test_fused_tiny_dit_reproduces_the_golden_forward(tiny_ckpt_dir, golden_vectors):
     triton_runs()
     model = load_transformer(tiny_ckpt_dir)
-    counts = fuse_dit(model, device="cuda")            # what Engine.load does on CUDA
+    counts = fuse_dit(model, device="cuda", qk=True)   # Engine.load on CUDA, plus the q/k kernel
     assert counts == {"qk_norm_rope": len(model.blocks), "linear_gelu": len(model.blocks)}
     assert all(isinstance(b.ffn.net[0], FusedLinearGELU) for b in model.blocks)
     calls = []
-    original = model.blocks[0].attn1.processor.qk_override
+    kernel = model.blocks[0].attn1.processor.qk_override
 
     def spy(*args):
         calls.append(1)
-        return original(*args)
+        return kernel(*args)
 
+    # the Triton interpreter is slow on CPU: the q/k kernel in the first block only (the speaker
+    # map of the two-speaker case reads that block's rotated q/k); the GELU epilogue everywhere
+    for block in model.blocks:
+        block.attn1.processor.qk_override = None
     model.blocks[0].attn1.processor.qk_override = spy
     for case in ("dit_1person", "dit_2person_bbox"):
         v = golden_vectors(case)
@@ -108,7 +112,24 @@ def test_fused_tiny_dit_reproduces_the_golden_forward(tiny_ckpt_dir, golden_vect
     assert all(b.attn1.processor.qk_override is None for b in model.blocks)
 
 
-def test_fuse_dit_leaves_a_cpu_model_alone(tiny_ckpt_dir):
+def test_fuse_dit_leaves_a_cpu_model_alone_and_defaults_to_the_gelu_epilogue(tiny_ckpt_dir):
     model = load_transformer(tiny_ckpt_dir)
     assert fuse_dit(model) == {"qk_norm_rope": 0, "linear_gelu": 0}
     assert all(isinstance(b.ffn.net[0], GELU) for b in model.blocks)
+    assert fuse_dit(model, device="cuda") == {"qk_norm_rope": 0, "linear_gelu": len(model.blocks)}
+    assert all(b.attn1.processor.qk_override is None for b in model.blocks)
+
+
+def test_fp8_after_fusion_keeps_the_gelu(tiny_ckpt_dir):
+    """--fp8 replaces the projection inside the fused module: the GELU must still be applied."""
+    from multitalk.runtime.fp8 import quantize_linears_fp8
+
+    model = load_transformer(tiny_ckpt_dir)
+    fuse_dit(model, device="cuda")
+    fused = model.blocks[0].ffn.net[0]
+    x = torch.randn(2, 5, fused.proj.in_features)
+    expected = F.gelu(fused.proj(x), approximate="tanh")
+    replaced = quantize_linears_fp8(model, include=lambda name, m: name == "blocks.0.ffn.net.0.proj")
+    assert replaced == 1 and type(fused.proj) is not torch.nn.Linear
+    fused.proj = torch.nn.Identity()          # stand-in for the fp8 linear (fp8 matmuls need CUDA)
+    assert torch.equal(fused(expected), F.gelu(expected, approximate="tanh"))

@@ -181,6 +181,20 @@ def _quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
+def quantized_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale_q: torch.Tensor,
+                        scale_k: torch.Tensor, scale_v: torch.Tensor, kernel=None) -> torch.Tensor:
+    """e4m3 attention of ``[B, S, H, D]`` inputs quantised with the given scales -> float32 output.
+
+    The probabilities use ``scale_s = 448`` and O the scale of v (``|O| <= amax(v)``); ``kernel``:
+    :func:`cudnn_sdpa_fp8` (default) or :func:`reference_sdpa_fp8`.
+    """
+    kernel = kernel if kernel is not None else cudnn_sdpa_fp8
+    scale_s = torch.full_like(scale_v, E4M3_MAX)
+    scales = torch.stack([1 / scale_q, 1 / scale_k, 1 / scale_v, 1 / scale_s, scale_s, scale_v]).float()
+    out = kernel(_quantize(query, scale_q), _quantize(key, scale_k), _quantize(value, scale_v), scales)
+    return out.float() * (1 / scale_v)
+
+
 class Fp8SelfAttention:
     """Callable installed as ``MultiTalkSelfAttnProcessor.sdpa_override``: ``(attn, q, k, v) -> out``.
 
@@ -197,11 +211,9 @@ class Fp8SelfAttention:
         bound_q = attn.norm_q.weight.detach().abs().amax().float() * math.sqrt(width)
         bound_k = attn.norm_k.weight.detach().abs().amax().float() * math.sqrt(width)
         amax_v = value.abs().amax().float().clamp_min(1e-12)
-        scale_q, scale_k, scale_v = E4M3_MAX / bound_q, E4M3_MAX / bound_k, E4M3_MAX / amax_v
-        s_scale = torch.full_like(scale_v, E4M3_MAX)
-        scales = torch.stack([1 / scale_q, 1 / scale_k, 1 / scale_v, 1 / s_scale, s_scale, scale_v])
-        out = self.kernel(_quantize(query, scale_q), _quantize(key, scale_k), _quantize(value, scale_v), scales)
-        return (out.float() * (1 / scale_v)).to(query.dtype)
+        out = quantized_attention(query, key, value, E4M3_MAX / bound_q, E4M3_MAX / bound_k, E4M3_MAX / amax_v,
+                                  self.kernel)
+        return out.to(query.dtype)
 
 
 def enable_fp8_self_attention(model: nn.Module, kernel=None) -> int:

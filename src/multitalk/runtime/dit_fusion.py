@@ -1,23 +1,26 @@
-"""Fused operations for the DiT blocks on CUDA: q/k RMS norm + 3-D RoPE in one kernel, GELU in the GEMM.
+"""Fused operations for the DiT blocks on CUDA: tanh-GELU in the GEMM epilogue; q/k RMS norm + RoPE kernel.
 
-A compiled block (regional ``torch.compile``) still spends time between its matrix products: a
-kernel breakdown at 640x640x81 (``benchmarks/results``) shows inductor's q/k ``RMSNorm`` + RoPE
-kernel at about four times the memory floor (the norm over the whole width, then the interleaved
-pairs of the rotation read with strides and a stack), and the feed-forward's tanh-GELU as its own
-pass over the 33,600 x 13,824 activation. :func:`fuse_dit` replaces, on a loaded model:
+A compiled block (regional ``torch.compile``) still spends time between its matrix products. At
+640x640x81 (``benchmarks/results``) the feed-forward's tanh-GELU is its own pass over the
+33,600 x 13,824 activation (26 ms per forward), and inductor's q/k ``RMSNorm`` + RoPE kernel runs at
+about a quarter of the memory floor (51 ms). :func:`fuse_dit` replaces, on a loaded model:
 
-* each self-attention's ``norm_q`` / ``norm_k`` + RoPE with :func:`qk_norm_rope`: one Triton
-  kernel per tensor that reads a token's row once (5120 values), normalises it, applies the
-  weight and rotates the pairs, and writes the result once. It rounds where the eager chain rounds
-  (after the weighted norm and after the rotation, in the activation dtype), so it reproduces the
-  eager operations up to float32 summation order;
 * each feed-forward's first linear + tanh-GELU with :func:`linear_gelu_tanh`: cuBLASLt's GELU
   epilogue (``torch._addmm_activation``) applies the activation to the float32 accumulator before
-  the single rounding to bf16.
+  the single rounding to bf16. On by default: H200 run 8 measured the epilogue GEMM at 0.251 s
+  against 0.247 s + 0.026 s for the GEMM and the separate GELU (-22 ms per forward);
+* with ``qk=True`` (off by default), each self-attention's ``norm_q`` / ``norm_k`` + RoPE with
+  :func:`qk_norm_rope`: one Triton kernel per tensor that reads a token's row (5120 values) in
+  tiles of 8 heads, a sum-of-squares pass and a normalise-weight-rotate pass, and writes it once.
+  It rounds where the eager chain rounds (after the weighted norm and after the rotation, in the
+  activation dtype), so it reproduces the eager operations up to float32 summation order. Off
+  because it is not yet measured: its first version (the whole row per program, even and odd
+  elements loaded apart) ran at 200 GB/s on the H200 and made the forward 0.22 s slower;
+  ``benchmarks/probe_dit_fusion.py`` measures this one against inductor's.
 
 Both are registered custom ops, so a compiled block calls them as they are. Without CUDA the
 model is left as it is; the CPU tests run the Triton kernel through Triton's interpreter against
-the eager chain.
+the eager chain, and the fused tiny DiT against the golden forward vectors.
 """
 
 from __future__ import annotations
@@ -39,33 +42,37 @@ def _norm_rope_kernel():
     import triton.language as tl
 
     @triton.jit
-    def norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, x_row_stride, out_row_stride,
-                         cs_row_stride, eps, HEADS: tl.constexpr, HP2: tl.constexpr, D: tl.constexpr):
-        row = tl.program_id(0)                       # b * L + position
+    def norm_rope_looped(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, x_row_stride, out_row_stride,
+                         cs_row_stride, eps, HEADS: tl.constexpr, HB: tl.constexpr, D: tl.constexpr):
+        # the row in tiles of HB heads: a sum-of-squares pass, then normalise + rotate + store
+        # (the second read of the 10 KB row comes from cache); few registers per thread
+        row = tl.program_id(0)
         pos = row % L
-        h = tl.arange(0, HP2)[:, None]
-        j = tl.arange(0, D // 2)[None, :]
-        mask = (h < HEADS) & (j >= 0)
-        even_at = h * D + 2 * j
+        hb = tl.arange(0, HB)[:, None]
+        c = tl.arange(0, D)[None, :]
         x_row = x_ptr + row.to(tl.int64) * x_row_stride
-        even = tl.load(x_row + even_at, mask=mask, other=0.0).to(tl.float32)
-        odd = tl.load(x_row + even_at + 1, mask=mask, other=0.0).to(tl.float32)
-        mean_sq = tl.sum(tl.sum(even * even + odd * odd, axis=1), axis=0) / (HEADS * D)
-        r = 1.0 / tl.sqrt(mean_sq + eps)
-        dt = out_ptr.dtype.element_ty
-        w_even = tl.load(w_ptr + even_at, mask=mask, other=0.0).to(tl.float32)
-        w_odd = tl.load(w_ptr + even_at + 1, mask=mask, other=0.0).to(tl.float32)
-        # RMSNorm as torch computes it (normalise and weight in float32, one rounding), then the
-        # rotation of the rounded values in float32 and one more rounding, as the eager chain
-        n_even = (even * r * w_even).to(dt).to(tl.float32)
-        n_odd = (odd * r * w_odd).to(dt).to(tl.float32)
-        cos = tl.load(cos_ptr + pos * cs_row_stride + 2 * j).to(tl.float32)      # cos[..., 0::2]
-        sin = tl.load(sin_ptr + pos * cs_row_stride + 2 * j + 1).to(tl.float32)  # sin[..., 1::2]
         out_row = out_ptr + row.to(tl.int64) * out_row_stride
-        tl.store(out_row + even_at, (n_even * cos - n_odd * sin).to(dt), mask=mask)
-        tl.store(out_row + even_at + 1, (n_even * sin + n_odd * cos).to(dt), mask=mask)
+        acc = tl.zeros([HB, D], dtype=tl.float32)
+        for h0 in range(0, HEADS, HB):
+            m = ((h0 + hb) < HEADS) & (c >= 0)
+            x = tl.load(x_row + (h0 + hb) * D + c, mask=m, other=0.0).to(tl.float32)
+            acc += x * x
+        r = 1.0 / tl.sqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / (HEADS * D) + eps)
+        dt = out_ptr.dtype.element_ty
+        j = tl.arange(0, D // 2)[None, :]
+        cos = tl.load(cos_ptr + pos * cs_row_stride + 2 * j).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * cs_row_stride + 2 * j + 1).to(tl.float32)
+        for h0 in range(0, HEADS, HB):
+            m = ((h0 + hb) < HEADS) & (c >= 0)
+            at = (h0 + hb) * D + c
+            x = tl.load(x_row + at, mask=m, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + at, mask=m, other=0.0).to(tl.float32)
+            n = (x * r * w).to(dt).to(tl.float32)
+            even, odd = tl.split(tl.reshape(n, (HB, D // 2, 2)))
+            out = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (HB, D))
+            tl.store(out_row + at, out.to(dt), mask=m)
 
-    _KERNEL = norm_rope_kernel
+    _KERNEL = norm_rope_looped
     return _KERNEL
 
 
@@ -86,10 +93,9 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
     if cos2.stride(-1) != 1 or sin2.stride(-1) != 1 or cos2.stride(0) != sin2.stride(0):
         cos2, sin2 = cos2.contiguous(), sin2.contiguous()
     out = torch.empty(batch, length, heads, d, device=x.device, dtype=x.dtype)
-    kernel = _norm_rope_kernel()
-    kernel[(batch * length,)](x, weight.contiguous(), cos2, sin2, out, length, x.stride(1), width,
-                              cos2.stride(0), float(eps), HEADS=heads, HP2=_next_pow2(heads), D=d,
-                              num_warps=8 if width >= 4096 else 4)
+    _norm_rope_kernel()[(batch * length,)](
+        x, weight.contiguous(), cos2, sin2, out, length, x.stride(1), width, cos2.stride(0), float(eps),
+        HEADS=heads, HB=_head_tile(heads), D=d, num_warps=4)
     return out
 
 
@@ -97,6 +103,14 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
 def _(x, weight, cos, sin, heads, eps):
     batch, length, width = x.shape
     return x.new_empty(batch, length, heads, width // heads)
+
+
+def _head_tile(heads: int) -> int:
+    """Largest power of two <= 8 that divides ``heads`` (40 -> 8), else 8 with a masked tail."""
+    for tile in (8, 4, 2):
+        if heads % tile == 0:
+            return tile
+    return 8 if heads > 8 else _next_pow2(heads)
 
 
 def _next_pow2(n: int) -> int:
@@ -159,7 +173,7 @@ class FusedLinearGELU(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def fuse_dit(model: nn.Module, device: torch.device | str | None = None, qk: bool = True, gelu: bool = True,
+def fuse_dit(model: nn.Module, device: torch.device | str | None = None, qk: bool = False, gelu: bool = True,
              ) -> dict[str, int]:
     """Install the fused operations on every MultiTalk block that runs on CUDA; returns counts.
 
