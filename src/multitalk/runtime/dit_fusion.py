@@ -15,8 +15,11 @@ about a quarter of the memory floor (51 ms). :func:`fuse_dit` replaces, on a loa
   It rounds where the eager chain rounds (after the weighted norm and after the rotation, in the
   activation dtype), so it reproduces the eager operations up to float32 summation order. Off
   because it is not yet measured: its first version (the whole row per program, even and odd
-  elements loaded apart) ran at 200 GB/s on the H200 and made the forward 0.22 s slower;
-  ``benchmarks/probe_dit_fusion.py`` measures this one against inductor's.
+  elements loaded apart) compiled to scalar 2-byte accesses (64 loads and 32 stores per thread in
+  its PTX), ran at 200 GB/s on the H200 and made the forward 0.13 s slower. This one compiles to
+  16-byte vector accesses with no local memory (a CPU test compiles it for sm_90 and checks), so
+  it should take about 0.2 ms per call (0.69 GB of DRAM traffic), 16 ms per forward against
+  inductor's 51 ms; ``benchmarks/probe_dit_fusion.py`` measures it.
 
 Both are registered custom ops, so a compiled block calls them as they are. Without CUDA the
 model is left as it is; the CPU tests run the Triton kernel through Triton's interpreter against
