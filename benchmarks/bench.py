@@ -349,6 +349,13 @@ def check_full_size_layouts() -> dict[str, str]:
     return {r.component: r.summary() for r in reports}
 
 
+def restore_modules(model: torch.nn.Module, originals: dict[str, torch.nn.Module]) -> None:
+    """Put back modules replaced in place (e.g. by ``quantize_linears_fp8``), by qualified name."""
+    for name, module in originals.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
 def assert_materialized(model: torch.nn.Module, what: str) -> None:
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
@@ -709,9 +716,7 @@ def section_fp8(b: Bench) -> None:
         b.report.set(forward_fp8_1spk_s=stats["median_s"], fp8_rel_err=err)
         b.log(f"fp8 rel err vs bf16: {err:.4f}")
     finally:  # back to the bf16 linears for the later sections
-        for name, module in originals.items():
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, module)
+        restore_modules(model, originals)
         free_memory(s.device)
 
 
@@ -1063,9 +1068,7 @@ def section_compiled_extra(b: Bench) -> None:
         except Exception as exc:
             sec[f"fp8_{label}_error"] = f"{type(exc).__name__}: {exc}"[:800]
         finally:
-            for name, module in originals.items():
-                parent, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, leaf, module)
+            restore_modules(model, originals)
             if fp8_attention:
                 from multitalk.runtime.attention_fp8 import disable_fp8_self_attention
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 import traceback
@@ -26,6 +25,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench import rel_l2 as rel  # noqa: E402
 from ceilings import cuda_time  # noqa: E402
 
 R: dict = {}
@@ -36,12 +36,7 @@ def log(msg):
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
-def micro(out: Path):
+def micro(out_dir: Path):
     import multitalk.runtime.dit_fusion as fusion
     from multitalk.models.transformer import CachedWanRotaryPosEmbed
 
@@ -79,7 +74,7 @@ def micro(out: Path):
     log(f"micro: {json.dumps(sec)}")
 
 
-def model_variants(out: Path):
+def model_variants(out_dir: Path):
     import bench
     import multitalk.runtime.dit_fusion as fusion
     from multitalk.models.architecture import FULL_14B
@@ -95,16 +90,10 @@ def model_variants(out: Path):
         fusion.unfuse_dit(model)
         fusion.fuse_dit(model, qk=qk, gelu=gelu)
         with torch.no_grad():
-            out = model(**one).float()
-            times = []
-            for _ in range(3):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                model(**one)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
+            stats, out = bench.measure(lambda: model(**one), s.device, warmup=1, repeat=3)
+        out = out.float()
         ref = out if ref is None else ref
-        entry = dict(median_s=statistics.median(times), times=times, err_vs_none=rel(out, ref))
+        entry = dict(median_s=stats["median_s"], times=stats["times_s"], err_vs_none=rel(out, ref))
         if label in ("none", "both"):
             with torch.no_grad():
                 bd = bench.kernel_breakdown(lambda: model(**one))
@@ -112,7 +101,7 @@ def model_variants(out: Path):
             entry["top"] = bd["top"][:14]
         sec[label] = entry
         log(f"{label}: {entry['median_s']:.3f}s err {entry['err_vs_none']:.2e}")
-        (out_path := out / "probe_dit_fusion.json").write_text(json.dumps(R, indent=1))
+        (out_dir / "probe_dit_fusion.json").write_text(json.dumps(R, indent=1))
 
 
 def main():

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import statistics
 import sys
 import time
 import traceback
@@ -26,6 +24,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench import rel_l2 as rel  # noqa: E402
 from ceilings import cuda_time  # noqa: E402
 
 R: dict = {}
@@ -54,11 +53,6 @@ def step(fn):
         R.setdefault(fn.__name__, {})["step_s"] = time.perf_counter() - t0
         save()
     return run
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
 
 
 S, H, D = 33600, 40, 128
@@ -218,16 +212,8 @@ def dit():
             return model(**one)
 
     def timed(label, repeat=3):
-        times = []
-        out = None
-        for _ in range(repeat):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fwd()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        sec[f"{label}_s"] = statistics.median(times)
-        sec[f"{label}_times"] = times
+        stats, out = bench.measure(fwd, s.device, warmup=0, repeat=repeat)
+        sec[f"{label}_s"], sec[f"{label}_times"] = stats["median_s"], stats["times_s"]
         return out.float()
 
     ref = fwd().float()                       # eager bf16 (warm-up)
@@ -235,9 +221,7 @@ def dit():
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ffn_fp8_filter(n, m)}
 
     def restore_linears():
-        for name, module in linears.items():
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, module)
+        bench.restore_modules(model, linears)
 
     sec["fp8_attn_blocks"] = enable_fp8_self_attention(model)
     out = fwd().float()

@@ -160,6 +160,12 @@ class MultiTalkSelfAttnProcessor:
         return (out, query, key) if return_qk else out
 
 
+def self_attention_processors(model: nn.Module) -> list[MultiTalkSelfAttnProcessor]:
+    """Every MultiTalk block's self-attention processor (where the runtime layer installs its overrides)."""
+    return [block.attn1.processor for block in getattr(model, "blocks", [])
+            if isinstance(getattr(block.attn1, "processor", None), MultiTalkSelfAttnProcessor)]
+
+
 @dataclass
 class AudioContext:
     """Per-call audio conditioning shared by all blocks.
@@ -617,5 +623,6 @@ def check_transformer_keys(dit_cfg: DiTConfig, items) -> LoadReport:
 
 __all__ = [
     "AudioContext", "DiTState", "MultiTalkTransformer3DModel", "MultiTalkTransformerBlock", "build_transformer_on_meta",
-    "check_transformer_keys", "convert_dit_key", "keep_fp32", "load_transformer", "sinusoidal_embedding",
+    "check_transformer_keys", "convert_dit_key", "keep_fp32", "load_transformer", "self_attention_processors",
+    "sinusoidal_embedding",
 ]

@@ -28,6 +28,8 @@ import threading
 import torch
 from torch import nn
 
+from multitalk.models.transformer import self_attention_processors
+
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 MIN_CUDNN_BACKEND = 90100                               # fp8 SDPA forward (9.10.0 excluded by cuDNN)
 
@@ -62,6 +64,7 @@ class _Fp8SdpaGraph:
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, attn_scale: float):
         import cudnn
 
+        self._cudnn = cudnn
         self.handle = _handle(q.device)
         e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
         graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32,
@@ -95,9 +98,7 @@ class _Fp8SdpaGraph:
         self.amax_buf = torch.empty(2, device=q.device, dtype=torch.float32)
 
     def __call__(self, q, k, v, o, scales: torch.Tensor) -> None:
-        import cudnn
-
-        cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+        self._cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
         # the frontend reads data pointers through DLPack: uint8 views carry the fp8 buffers
         pack = {self.q: q.view(torch.uint8), self.k: k.view(torch.uint8), self.v: v.view(torch.uint8),
                 self.o: o.view(torch.uint8), self.amax_s: self.amax_buf[0:1], self.amax_o: self.amax_buf[1:2]}
@@ -227,22 +228,16 @@ def enable_fp8_self_attention(model: nn.Module, kernel=None) -> int:
         ok, why = availability(device)
         if not ok:
             raise RuntimeError(f"fp8 attention unavailable: {why}")
-    count = 0
+    processors = self_attention_processors(model)
     override = Fp8SelfAttention(kernel)
-    for module in model.modules():
-        processor = getattr(getattr(module, "attn1", None), "processor", None)
-        if processor is not None and hasattr(processor, "sdpa_override"):
-            processor.sdpa_override = override
-            count += 1
-    return count
+    for processor in processors:
+        processor.sdpa_override = override
+    return len(processors)
 
 
 def disable_fp8_self_attention(model: nn.Module) -> int:
     """Back to the bf16 attention; returns how many blocks were switched."""
-    count = 0
-    for module in model.modules():
-        processor = getattr(getattr(module, "attn1", None), "processor", None)
-        if processor is not None and getattr(processor, "sdpa_override", None) is not None:
-            processor.sdpa_override = None
-            count += 1
-    return count
+    switched = [p for p in self_attention_processors(model) if p.sdpa_override is not None]
+    for processor in switched:
+        processor.sdpa_override = None
+    return len(switched)

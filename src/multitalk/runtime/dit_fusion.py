@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitalk.models.transformer import _apply_rotary
+from multitalk.models.transformer import _apply_rotary, self_attention_processors
 
 _KERNEL = None
 
@@ -189,12 +189,12 @@ def fuse_dit(model: nn.Module, device: torch.device | str | None = None, qk: boo
         return counts
     from diffusers.models.activations import GELU
 
-    override = FusedQKNormRope()
-    for block in getattr(model, "blocks", []):
-        processor = getattr(block.attn1, "processor", None)
-        if qk and processor is not None and hasattr(processor, "qk_override"):
+    if qk:
+        override = FusedQKNormRope()
+        for processor in self_attention_processors(model):
             processor.qk_override = override
             counts["qk_norm_rope"] += 1
+    for block in getattr(model, "blocks", []):
         first = block.ffn.net[0]
         if (gelu and isinstance(first, GELU) and first.approximate == "tanh" and type(first.proj) is nn.Linear
                 and first.proj.bias is not None):
@@ -207,10 +207,9 @@ def unfuse_dit(model: nn.Module) -> None:
     """Undo :func:`fuse_dit` (the benchmark compares both on the same weights)."""
     from diffusers.models.activations import GELU
 
+    for processor in self_attention_processors(model):
+        processor.qk_override = None
     for block in getattr(model, "blocks", []):
-        processor = getattr(block.attn1, "processor", None)
-        if processor is not None and getattr(processor, "qk_override", None) is not None:
-            processor.qk_override = None
         first = block.ffn.net[0]
         if isinstance(first, FusedLinearGELU):
             gelu = GELU(first.proj.in_features, first.proj.out_features, approximate="tanh")
