@@ -85,7 +85,7 @@ def test_linear_gelu_epilogue_on_cuda_is_the_tanh_approximation():
 def test_fused_tiny_dit_reproduces_the_golden_forward(tiny_ckpt_dir, golden_vectors):
     triton_runs()
     model = load_transformer(tiny_ckpt_dir)
-    counts = fuse_dit(model, device="cuda", qk=True)   # Engine.load on CUDA, plus the q/k kernel
+    counts = fuse_dit(model, device="cuda")   # as Engine.load does on CUDA: GELU epilogue + q/k kernel
     assert counts == {"qk_norm_rope": len(model.blocks), "linear_gelu": len(model.blocks)}
     assert all(isinstance(b.ffn.net[0], FusedLinearGELU) for b in model.blocks)
     calls = []
@@ -112,12 +112,17 @@ def test_fused_tiny_dit_reproduces_the_golden_forward(tiny_ckpt_dir, golden_vect
     assert all(b.attn1.processor.qk_override is None for b in model.blocks)
 
 
-def test_fuse_dit_leaves_a_cpu_model_alone_and_defaults_to_the_gelu_epilogue(tiny_ckpt_dir):
+def test_fuse_dit_leaves_a_cpu_model_alone_and_defaults_to_both_fusions(tiny_ckpt_dir):
     model = load_transformer(tiny_ckpt_dir)
     assert fuse_dit(model) == {"qk_norm_rope": 0, "linear_gelu": 0}
     assert all(isinstance(b.ffn.net[0], GELU) for b in model.blocks)
-    assert fuse_dit(model, device="cuda") == {"qk_norm_rope": 0, "linear_gelu": len(model.blocks)}
     assert all(b.attn1.processor.qk_override is None for b in model.blocks)
+    assert fuse_dit(model, device="cuda", qk=False) == {"qk_norm_rope": 0, "linear_gelu": len(model.blocks)}
+    assert all(b.attn1.processor.qk_override is None for b in model.blocks)
+    unfuse_dit(model)
+    n = len(model.blocks)
+    assert fuse_dit(model, device="cuda") == {"qk_norm_rope": n, "linear_gelu": n}
+    assert all(b.attn1.processor.qk_override is not None for b in model.blocks)
 
 
 def test_fp8_after_fusion_keeps_the_gelu(tiny_ckpt_dir):

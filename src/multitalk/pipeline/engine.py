@@ -114,7 +114,7 @@ class Engine:
             from multitalk.runtime.dit_fusion import fuse_dit
             from multitalk.runtime.vae_fusion import fuse_vae
 
-            fuse_dit(dit, device=device)  # the FFN's GELU in the GEMM epilogue (CUDA)
+            fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
             dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
         return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings)

@@ -9,17 +9,18 @@ about a quarter of the memory floor (51 ms). :func:`fuse_dit` replaces, on a loa
   epilogue (``torch._addmm_activation``) applies the activation to the float32 accumulator before
   the single rounding to bf16. On by default: H200 run 8 measured the epilogue GEMM at 0.251 s
   against 0.247 s + 0.026 s for the GEMM and the separate GELU (-22 ms per forward);
-* with ``qk=True`` (off by default), each self-attention's ``norm_q`` / ``norm_k`` + RoPE with
-  :func:`qk_norm_rope`: one Triton kernel per tensor that reads a token's row (5120 values) in
-  tiles of 8 heads, a sum-of-squares pass and a normalise-weight-rotate pass, and writes it once.
-  It rounds where the eager chain rounds (after the weighted norm and after the rotation, in the
-  activation dtype), so it reproduces the eager operations up to float32 summation order. Off
-  because it is not yet measured: its first version (the whole row per program, even and odd
-  elements loaded apart) compiled to scalar 2-byte accesses (64 loads and 32 stores per thread in
-  its PTX), ran at 200 GB/s on the H200 and made the forward 0.13 s slower. This one compiles to
-  16-byte vector accesses with no local memory (a CPU test compiles it for sm_90 and checks), so
-  it should take about 0.2 ms per call (0.69 GB of DRAM traffic), 16 ms per forward against
-  inductor's 51 ms; ``benchmarks/probe_dit_fusion.py`` measures it.
+* each self-attention's ``norm_q`` / ``norm_k`` + RoPE with :func:`qk_norm_rope` (on by
+  default; ``qk=False`` keeps inductor's): one Triton kernel per tensor that reads a token's row
+  (5120 values) in tiles of 8 heads, a sum-of-squares pass and a normalise-weight-rotate pass, and
+  writes it once. It rounds where the eager chain rounds (after the weighted norm and after the
+  rotation, in the activation dtype), so it reproduces the eager operations up to float32
+  summation order. Its first version (the whole row per program, even and odd elements loaded
+  apart) compiled to scalar 2-byte accesses (64 loads and 32 stores per thread in its PTX), ran at
+  200 GB/s on the H200 and made the forward 0.13 s slower. This one compiles to 16-byte vector
+  accesses with no local memory (a CPU test compiles it for sm_90 and checks). H200
+  (``benchmarks/probe_dit_fusion.py``, run 9): 0.26 ms per call at 33,600 x 5120 (2.6 TB/s)
+  against inductor's 0.72 ms (0.96 TB/s); the compiled forward 3.295 s against 3.330 s without
+  it, 3.279 s with both fusions (-1.5 %).
 
 Both are registered custom ops, so a compiled block calls them as they are. Without CUDA the
 model is left as it is; the CPU tests run the Triton kernel through Triton's interpreter against
@@ -176,7 +177,7 @@ class FusedLinearGELU(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def fuse_dit(model: nn.Module, device: torch.device | str | None = None, qk: bool = False, gelu: bool = True,
+def fuse_dit(model: nn.Module, device: torch.device | str | None = None, qk: bool = True, gelu: bool = True,
              ) -> dict[str, int]:
     """Install the fused operations on every MultiTalk block that runs on CUDA; returns counts.
 
