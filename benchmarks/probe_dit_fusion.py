@@ -4,7 +4,7 @@
 
 Writes ``probe_dit_fusion.json``: the q/k norm + RoPE kernel against inductor's compiled eager chain
 at 33,600 x 5120, the GELU epilogue op against the compiled linear + GELU, and the compiled
-1-speaker forward with none / each / both fusions (median of 3, kernel breakdowns). Decides whether
+1-speaker forward with none / each / both fusions (median of 3, kernel breakdowns). It decided
 ``fuse_dit``'s defaults (run 9-pre1: both fusions pay, so both are on).
 """
 
