@@ -26,11 +26,11 @@ on the same weights and inputs:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
-import time
-import traceback
+from functools import lru_cache
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,14 +40,10 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
 
 from bench import Setting, dit_inputs, rel_l2  # noqa: E402
+from probe import Probe  # noqa: E402
 
-R: dict = {}
-T0 = time.perf_counter()
+P = Probe("probe_cuda_parity")
 DEVICE = torch.device("cuda")
-
-
-def log(msg):
-    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
 def _engine(compile: bool):
@@ -57,112 +53,104 @@ def _engine(compile: bool):
                                     compile=compile))
 
 
-def dit(out_dir: Path):
+@lru_cache(maxsize=1)
+def _eager_engine():
+    return _engine(compile=False)
+
+
+def dit():
     import multitalk.runtime.dit_fusion as fusion
     from multitalk.models.architecture import TINY
 
-    sec = R.setdefault("dit", {})
-    s = Setting(TINY, DEVICE, torch.float32, height=224, width=112, frames=33, text_tokens=24,
-                tiny=True)
-    model = _engine(compile=False).transformer
+    sec = P.section("dit")
+    s = Setting(TINY, DEVICE, torch.float32, height=224, width=112, frames=33, text_tokens=24, tiny=True)
+    model = _eager_engine().transformer
+    compiled = copy.deepcopy(model)
+    compiled.compile_repeated_blocks(fullgraph=False, dynamic=False)
     for speakers in (1, 2):
         inputs = dit_inputs(s, speakers)
+        entry = sec.setdefault(f"{speakers}spk", {})
+
+        def vs_eager(m, label):
+            with torch.no_grad():
+                entry[label] = rel_l2(m(**inputs).float(), ref)
+
         with torch.no_grad():
-            run = lambda: model(**inputs).float().clone()  # noqa: E731
-            ref = run()
-            entry = {"eager_again": rel_l2(run(), ref)}
-            for label, qk, gelu in (("gelu", False, True), ("qk", True, False), ("both", True, True)):
-                fusion.fuse_dit(model, device="cuda", qk=qk, gelu=gelu)  # on CPU: the interpreter
-                entry[label] = rel_l2(run(), ref)
-                fusion.unfuse_dit(model)
-        sec[f"{speakers}spk"] = entry
-        log(f"dit {speakers}spk: {entry}")
-    compiled = _engine(compile=False).transformer
-    compiled.compile_repeated_blocks(fullgraph=False, dynamic=False)
-    with torch.no_grad():
-        for speakers in (1, 2):
-            inputs = dit_inputs(s, speakers)
             ref = model(**inputs).float()
-            sec[f"{speakers}spk"]["compiled_unfused"] = rel_l2(compiled(**inputs).float(), ref)
-            fusion.fuse_dit(compiled, device="cuda")
-            sec[f"{speakers}spk"]["compiled_fused"] = rel_l2(compiled(**inputs).float(), ref)
-            fusion.unfuse_dit(compiled)
-    log(f"dit: {json.dumps(sec)}")
+        vs_eager(model, "eager_again")
+        for label, qk, gelu in (("gelu", False, True), ("qk", True, False), ("both", True, True)):
+            fusion.fuse_dit(model, device="cuda", qk=qk, gelu=gelu)  # on CPU: the interpreter
+            vs_eager(model, label)
+            fusion.unfuse_dit(model)
+        vs_eager(compiled, "compiled_unfused")
+        fusion.fuse_dit(compiled, device="cuda")   # what Engine.load does on CUDA
+        vs_eager(compiled, "compiled_fused")
+        fusion.unfuse_dit(compiled)
+        P.log(f"dit {speakers}spk: {entry}")
 
 
-def vae(out_dir: Path):
+def vae():
     from multitalk.runtime.vae_fusion import fuse_vae
 
-    sec = R.setdefault("vae", {})
+    sec = P.section("vae")
     g = torch.Generator(device=DEVICE).manual_seed(0)
     video = torch.rand(3, 33, 224, 112, device=DEVICE, generator=g) * 2 - 1
+    eager = _eager_engine().vae
 
     def roundtrip(v):
         with torch.no_grad():
             latent = v.encode(video)
             return latent.float(), torch.cat(list(v.decode_chunks(latent)), dim=1).float()
 
-    eager = _engine(compile=False).vae
     lat_ref, dec_ref = roundtrip(eager)
-    lat, dec = roundtrip(eager)
-    sec["eager_again"] = {"latent": rel_l2(lat, lat_ref), "video": rel_l2(dec, dec_ref)}
-    tf32, bench = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+
+    def vs_eager(v, label):
+        lat, dec = roundtrip(v)
+        sec[label] = {"latent": rel_l2(lat, lat_ref), "video": rel_l2(dec, dec_ref)}
+
+    vs_eager(eager, "eager_again")
+    tf32, autotune = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
     torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
-    lat, dec = roundtrip(eager)
-    sec["no_tf32_no_benchmark"] = {"latent": rel_l2(lat, lat_ref), "video": rel_l2(dec, dec_ref)}
-    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = tf32, bench
-    fused = _engine(compile=False).vae
+    vs_eager(eager, "no_tf32_no_benchmark")
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = tf32, autotune
+    fused = copy.deepcopy(eager)
     sec["fused_sites"] = fuse_vae(fused, device=DEVICE)
-    lat, dec = roundtrip(fused)
-    sec["fused"] = {"latent": rel_l2(lat, lat_ref), "video": rel_l2(dec, dec_ref)}
-    log(f"vae: {json.dumps(sec)}")
+    vs_eager(fused, "fused")
+    P.log(f"vae: {json.dumps(sec)}")
 
 
-def video(out_dir: Path):
+def video():
     from safetensors.torch import load_file
 
     from multitalk.pipeline.demo_inputs import write_demo_inputs
     from multitalk.pipeline.inputs import GenerationParams, load_input_json
     from multitalk.pipeline.render import render
 
-    sec = R.setdefault("video", {})
+    sec = P.section("video")
     work = Path(tempfile.mkdtemp())
     spec, _ = load_input_json(write_demo_inputs(work / "inputs"))
     params = GenerationParams.from_dict(dict(size="preview", mode="clip", frame_num=33, sample_steps=4, seed=42))
-    outs = {}
-    for label, compile in (("eager", False), ("eager_again", False), ("compiled", True)):
-        engine = _engine(compile)
-        target = work / f"{label}.mp4"
-        render(engine, spec, params, target, save_tensor=work / f"{label}.safetensors")
-        outs[label] = load_file(str(work / f"{label}.safetensors"))["video"].float()
-        del engine
-        if DEVICE.type == "cuda":
-            torch.cuda.empty_cache()
-    for label in ("eager_again", "compiled"):
-        sec[label] = rel_l2(outs[label], outs["eager"])
-    log(f"video: {json.dumps(sec)}")
+
+    def frames(engine, label):
+        render(engine, spec, params, work / f"{label}.mp4", save_tensor=work / f"{label}.safetensors")
+        return load_file(str(work / f"{label}.safetensors"))["video"].float()
+
+    ref = frames(_eager_engine(), "eager")
+    sec["eager_again"] = rel_l2(frames(_eager_engine(), "eager_again"), ref)
+    sec["compiled"] = rel_l2(frames(_engine(compile=True), "compiled"), ref)
+    P.log(f"video: {json.dumps(sec)}")
 
 
 def main():
+    global DEVICE
     p = argparse.ArgumentParser()
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--parts", default="dit,vae,video")
     p.add_argument("--device", default="cuda", help="cpu: check the plumbing (CUDA-only steps are no-ops)")
     args = p.parse_args()
-    global DEVICE
     DEVICE = torch.device(args.device)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    R["gpu"] = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    for fn in [f for f in (dit, vae, video) if f.__name__ in args.parts.split(",")]:
-        try:
-            fn(args.out_dir)
-        except Exception as exc:
-            R[fn.__name__ + "_error"] = f"{type(exc).__name__}: {exc}\n" + traceback.format_exc()[-2500:]
-            log(R[fn.__name__ + "_error"])
-        (args.out_dir / "probe_cuda_parity.json").write_text(json.dumps(R, indent=1))
-    R["total_s"] = time.perf_counter() - T0
-    (args.out_dir / "probe_cuda_parity.json").write_text(json.dumps(R, indent=1))
-    print(json.dumps(R, indent=1)[-6000:])
+    P.data["gpu"] = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    P.run(args.out_dir, {"dit": dit, "vae": vae, "video": video}, args.parts)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ import argparse
 import json
 import math
 import sys
-import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,20 +25,17 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench import rel_l2 as rel  # noqa: E402
 from ceilings import cuda_time  # noqa: E402
+from probe import Probe  # noqa: E402
 
-R: dict = {}
-T0 = time.perf_counter()
-
-
-def log(msg):
-    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+P = Probe("probe_dit_fusion")
+log = P.log
 
 
-def micro(out_dir: Path):
+def micro():
     import multitalk.runtime.dit_fusion as fusion
     from multitalk.models.transformer import CachedWanRotaryPosEmbed
 
-    sec = R.setdefault("micro", {})
+    sec = P.section("micro")
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1, 33600, 5120, device="cuda", generator=g).bfloat16()
     norm = torch.nn.RMSNorm(5120, eps=1e-6).cuda().bfloat16()
@@ -74,12 +69,12 @@ def micro(out_dir: Path):
     log(f"micro: {json.dumps(sec)}")
 
 
-def model_variants(out_dir: Path):
+def model_variants():
     import bench
     import multitalk.runtime.dit_fusion as fusion
     from multitalk.models.architecture import FULL_14B
 
-    sec = R.setdefault("model", {})
+    sec = P.section("model")
     s = bench.Setting(FULL_14B, torch.device("cuda"), torch.bfloat16, text_tokens=200)
     model = bench.build_dit(s)
     one = bench.dit_inputs(s, 1)
@@ -101,27 +96,17 @@ def model_variants(out_dir: Path):
             entry["top"] = bd["top"][:14]
         sec[label] = entry
         log(f"{label}: {entry['median_s']:.3f}s err {entry['err_vs_none']:.2e}")
-        (out_dir / "probe_dit_fusion.json").write_text(json.dumps(R, indent=1))
+        P.save()
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--parts", default="micro,model")
     args = p.parse_args()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = True
-    R["gpu"] = torch.cuda.get_device_name()
-    for fn in (micro, model_variants):
-        try:
-            fn(args.out_dir)
-        except Exception as exc:
-            R[fn.__name__ + "_error"] = f"{type(exc).__name__}: {exc}\n" + traceback.format_exc()[-2500:]
-            log(R[fn.__name__ + "_error"])
-        (args.out_dir / "probe_dit_fusion.json").write_text(json.dumps(R, indent=1))
-    R["total_s"] = time.perf_counter() - T0
-    (args.out_dir / "probe_dit_fusion.json").write_text(json.dumps(R, indent=1))
-    print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk not in ("top",)} if isinstance(v, dict) else v)
-                      for k, v in R.items()}, indent=1)[-7000:])
+    P.data["gpu"] = torch.cuda.get_device_name()
+    P.run(args.out_dir, {"micro": micro, "model": model_variants}, args.parts, hide=("top",))
 
 
 if __name__ == "__main__":

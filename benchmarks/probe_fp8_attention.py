@@ -13,7 +13,6 @@ import json
 import math
 import sys
 import time
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,39 +25,15 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench import rel_l2 as rel  # noqa: E402
 from ceilings import cuda_time  # noqa: E402
+from probe import Probe  # noqa: E402
 
-R: dict = {}
-OUT = Path(".")
-T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
-
-
-def save() -> None:
-    (OUT / "probe_fp8_attention.json").write_text(json.dumps(R, indent=1, default=str))
-
-
-def step(fn):
-    def run(*args, **kwargs):
-        log(f"== {fn.__name__}")
-        t0 = time.perf_counter()
-        try:
-            fn(*args, **kwargs)
-        except Exception as exc:
-            R.setdefault(fn.__name__, {})["error"] = f"{type(exc).__name__}: {exc}"[:1500]
-            R[fn.__name__]["traceback"] = traceback.format_exc()[-3000:].replace(str(HERE.parent), "<repo>")
-            log(f"{fn.__name__} failed: {type(exc).__name__}: {str(exc)[:300]}")
-        R.setdefault(fn.__name__, {})["step_s"] = time.perf_counter() - t0
-        save()
-    return run
+P = Probe("probe_fp8_attention")
+R, log, save = P.data, P.log, P.save
 
 
 S, H, D = 33600, 40, 128
 
 
-@step
 def env():
     import cudnn
 
@@ -98,7 +73,6 @@ def reference_heads(q, k, v, heads=(0, 7), chunk=4096):
     return torch.stack(outs, dim=1)
 
 
-@step
 def attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -153,7 +127,6 @@ def attention():
         save()
 
 
-@step
 def kernel_vs_reference():
     """The cuDNN fp8 kernel against runtime.attention_fp8.reference_sdpa_fp8 (the tests' reference)."""
     from multitalk.runtime.attention_fp8 import E4M3_MAX, cudnn_sdpa_fp8, quantized_attention, reference_sdpa_fp8
@@ -172,7 +145,6 @@ def kernel_vs_reference():
     log(f"kernel vs reference: {json.dumps(sec)}")
 
 
-@step
 def gelu_epilogue():
     sec = R.setdefault("gelu_epilogue", {})
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -195,7 +167,6 @@ def gelu_epilogue():
     log(f"gelu: {json.dumps(sec)}")
 
 
-@step
 def dit():
     import bench
     from multitalk.models.architecture import FULL_14B
@@ -280,7 +251,6 @@ def dit():
     log(f"dit compiled: {json.dumps({k: v for k, v in sec.items() if not k.endswith('times') and k != 'breakdown_fp8attn'})}")
 
 
-@step
 def bf16_plans():
     """bf16 SDPA through the frontend: every execution plan cuDNN offers for this shape, timed."""
     import cudnn
@@ -329,21 +299,14 @@ def bf16_plans():
 
 
 def main() -> int:
-    global OUT
     p = argparse.ArgumentParser()
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--steps", default="env,kernel_vs_reference,attention,gelu_epilogue,dit,bf16_plans")
     args = p.parse_args()
-    OUT = args.out_dir
-    OUT.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = True
-    steps = {"env": env, "kernel_vs_reference": kernel_vs_reference, "attention": attention, "gelu_epilogue": gelu_epilogue, "dit": dit,
-             "bf16_plans": bf16_plans}
-    for name in args.steps.split(","):
-        steps[name]()
-    R["total_s"] = time.perf_counter() - T0
-    save()
-    print(json.dumps({k: v for k, v in R.items() if k != "bf16_plans"}, indent=1, default=str)[-6000:])
+    steps = {"env": env, "kernel_vs_reference": kernel_vs_reference, "attention": attention,
+             "gelu_epilogue": gelu_epilogue, "dit": dit, "bf16_plans": bf16_plans}
+    P.run(args.out_dir, steps, args.steps, hide=("bf16_plans",))
     return 0
 
 
