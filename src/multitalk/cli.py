@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from multitalk.errors import CheckpointError, MultiTalkError, UserInputError
+from multitalk.errors import CheckpointError, MemoryPlanError, MultiTalkError, UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="MultiTalk: lip-synced talking video from an image, speech and a prompt.")
@@ -40,7 +40,7 @@ def _run_guarded(fn):
         return fn()
     except typer.Exit:
         raise
-    except (UserInputError, CheckpointError) as exc:
+    except (UserInputError, CheckpointError, MemoryPlanError) as exc:
         _fail(exc, 2)
     except MultiTalkError as exc:
         _fail(exc, 1)
@@ -93,8 +93,12 @@ def generate(
     max_frames: Optional[int] = _opt(None, "--max-frames", "--max_frames", help="Streaming: stop after N frames."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     dtype: str = _opt("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32."),
-    offload: bool = _opt(False, "--offload_model", "--offload-model", "--offload", help="Keep only the running model on the GPU."),
-    fp8: bool = _opt(False, "--fp8", help="FP8 linears in the DiT (Hopper)."),
+    offload: bool = _opt(False, "--offload_model", "--offload-model", "--offload", help="Encoders and VAE leave the GPU between uses."),
+    fp8: bool = _opt(False, "--fp8", help="FP8 compute: the DiT's feed-forward linears in e4m3 (Ada/Hopper matmuls)."),
+    weights: str = _opt("auto", "--weights", help="DiT block weights: auto/bf16 (the compute dtype) or fp8 (e4m3, half the memory)."),
+    fp8_matmul: Optional[bool] = _opt(None, "--fp8-matmul/--no-fp8-matmul", help="fp8 weights through fp8 matmuls (default: where the GPU has them); off: dequantised per layer."),
+    max_vram: Optional[float] = _opt(None, "--max-vram", "--max_vram", help="GPU memory to plan for, in GiB (default: what the GPU has free)."),
+    persistent_params: Optional[int] = _opt(None, "--num_persistent_param_in_dit", "--num-persistent-param-in-dit", help="Official: DiT parameters kept on the GPU; the other blocks are streamed (0: all)."),
     compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Regional torch.compile of the DiT blocks and fused VAE element-wise kernels (default: on for CUDA)."),
     save_tensor: Optional[Path] = _opt(None, "--save-tensor", "--save_tensor", help="Also store the float video as safetensors key 'video' (3,T,H,W)."),
     quiet: bool = _opt(False, "--quiet", "-q", help="No progress bars."),
@@ -146,13 +150,18 @@ def generate(
 
         check_output_path(target)
         media = prepare_media(spec, params)  # every input problem surfaces before models load
+        from multitalk.pipeline.memory import workload_of
+
         config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
                               preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                              compile=compile)
+                              compile=compile, weights=weights, fp8_matmul=fp8_matmul, max_vram_gib=max_vram,
+                              num_persistent_param_in_dit=persistent_params, workload=workload_of(media, params))
         t0 = time.perf_counter()
         with err.status("loading models ..."):
             engine = Engine.load(config)
         err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, {engine.dtype})")
+        if engine.plan is not None:
+            err.print(engine.plan.summary(), highlight=False, soft_wrap=True)
         with ProgressView(console=err, enabled=not quiet) as view:
             result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
                             progress=view.update)
@@ -188,6 +197,7 @@ def demo(
                  text_scale=5.0, audio_scale=4.0, seed=42, n_prompt="", use_teacache=False, teacache_thresh=0.2,
                  use_apg=False, apg_momentum=-0.75, apg_norm_threshold=55.0, color_correction_strength=0.0,
                  max_frames=None, device="cpu", dtype="float32", offload=False, fp8=False, compile=False,
+                 weights="auto", fp8_matmul=None, max_vram=None, persistent_params=None,
                  save_tensor=None, quiet=False, debug=debug)
 
     _run_guarded(run)
@@ -241,11 +251,12 @@ def weights_make_tiny(
     _run_guarded(run)
 
 
-def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype) -> dict:
+def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, memory: dict | None = None) -> dict:
     if preset is None and ckpt_dir is None:
         raise UserInputError("ckpt_dir", "no model weights given",
                              "pass --ckpt-dir and --wav2vec-dir (official folders), or --preset tiny")
     opts = {"preset": preset, "device": device, "dtype": dtype}
+    opts.update({k: v for k, v in (memory or {}).items() if v is not None and v is not False})
     for key, value in (("ckpt_dir", ckpt_dir), ("wav2vec_dir", wav2vec_dir), ("multitalk_dir", multitalk_dir)):
         if value is not None:
             opts[key] = str(value)
@@ -263,6 +274,11 @@ def serve(
     wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    max_vram: Optional[float] = _opt(None, "--max-vram", "--max_vram", help="GPU memory to plan for, in GiB (default: what the GPU has free)."),
+    weights: str = _opt("auto", "--weights", help="DiT block weights: auto/bf16 or fp8 (e4m3, half the memory)."),
+    persistent_params: Optional[int] = _opt(None, "--num_persistent_param_in_dit", "--num-persistent-param-in-dit", help="Official: DiT parameters kept on the GPU; the other blocks are streamed (0: all)."),
+    offload: bool = _opt(False, "--offload_model", "--offload-model", help="Encoders and VAE leave the GPU between uses."),
+    fp8: bool = _opt(False, "--fp8", help="FP8 compute: the DiT's feed-forward linears in e4m3."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """HTTP job API with one in-process worker (models loaded once)."""
@@ -272,7 +288,9 @@ def serve(
     def run():
         from multitalk.service.cli_commands import serve as serve_api
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype,
+                               dict(max_vram_gib=max_vram, weights=None if weights == "auto" else weights,
+                                    num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8))
         serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts)
 
     _run_guarded(run)
@@ -287,6 +305,11 @@ def worker(
     wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    max_vram: Optional[float] = _opt(None, "--max-vram", "--max_vram", help="GPU memory to plan for, in GiB (default: what the GPU has free)."),
+    weights: str = _opt("auto", "--weights", help="DiT block weights: auto/bf16 or fp8 (e4m3, half the memory)."),
+    persistent_params: Optional[int] = _opt(None, "--num_persistent_param_in_dit", "--num-persistent-param-in-dit", help="Official: DiT parameters kept on the GPU; the other blocks are streamed (0: all)."),
+    offload: bool = _opt(False, "--offload_model", "--offload-model", help="Encoders and VAE leave the GPU between uses."),
+    fp8: bool = _opt(False, "--fp8", help="FP8 compute: the DiT's feed-forward linears in e4m3."),
     max_jobs: Optional[int] = _opt(None, "--max-jobs", help="Exit after N jobs."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
@@ -297,7 +320,9 @@ def worker(
     def run():
         from multitalk.service.cli_commands import worker as run_worker
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype,
+                               dict(max_vram_gib=max_vram, weights=None if weights == "auto" else weights,
+                                    num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8))
         n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs)
         out.print(f"worker processed {n} jobs")
 

@@ -17,6 +17,7 @@ import torch
 
 from multitalk.errors import UserInputError
 from multitalk.models.architecture import Architecture, detect_architecture
+from multitalk.runtime.memory_plan import MemoryPlan, Workload
 from multitalk.runtime.placement import Placement, configure_backends, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,14 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"                # DiT / T5 / CLIP compute dtype; "auto": bf16 on CUDA, fp32 on CPU
     vae_dtype: str = "auto"            # "auto": bf16 on CUDA (like the DiT), fp32 on CPU
-    offload: bool = False              # onload each model only while it runs
-    fp8: bool = False                  # fp8 row-wise linears in the DiT blocks (Hopper)
+    offload: bool = False              # onload each model only while it runs (the official --offload_model)
+    fp8: bool = False                  # fp8 compute: row-wise fp8 feed-forward linears in the DiT blocks
+    weights: str = "auto"              # DiT block storage: "auto"/"bf16" (the compute dtype) or "fp8" (e4m3)
+    fp8_matmul: bool | None = None     # stored fp8 linears through _scaled_mm (None: where the GPU has it)
+    max_vram_gib: float | None = None  # memory budget; None: the device's free memory
+    num_persistent_param_in_dit: int | None = None  # official: DiT parameters kept on the GPU (0: stream all)
+    workload: Workload | None = None   # the clip to plan memory for (None: the largest 480p clip)
+    plan_memory: bool | None = None    # None: on CUDA, or when max_vram / num_persistent is given
     compile: bool | None = None        # regional torch.compile of the DiT blocks + fused VAE element-wise
                                        # chains (runtime.vae_fusion); None: on for CUDA
     attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
@@ -71,6 +78,9 @@ class Engine:
     dtype: torch.dtype
     placement: Placement
     load_seconds: dict = field(default_factory=dict)
+    plan: MemoryPlan | None = None
+    config: EngineConfig | None = None
+    sizes: object = None               # runtime.memory_plan.ModelSizes the plan was made with
 
     @classmethod
     def load(cls, config: EngineConfig) -> "Engine":
@@ -85,10 +95,26 @@ class Engine:
         dtype = resolve_dtype(config.dtype, device)
         vae_dtype = resolve_dtype(config.vae_dtype, device)
         arch = detect_architecture(ckpt_dir)
+        weights = _weights_format(config.weights)
         placement = Placement(device, offload=config.offload)
         configure_backends(device)
-        # With offload, models live on the CPU and are onloaded per use.
-        home = torch.device("cpu") if placement.offload else device
+        compiled = bool(config.compile or (config.compile is None and device.type == "cuda"))
+        # the memory plan decides where each model lives before anything is loaded, so that nothing
+        # is loaded twice (streamed blocks go to host memory, resident ones straight to the GPU)
+        sizes = None
+        if _wants_plan(config, device):
+            from multitalk.runtime.memory_plan import model_sizes
+
+            sizes = model_sizes(arch, dtype, vae_dtype, _audio_config(w2v_dir))
+        plan = _plan_for(config, arch, device, sizes, weights, compiled)
+        if plan is not None:
+            log.info(plan.summary())
+
+        def home(component: str) -> torch.device:
+            if plan is None:
+                return torch.device("cpu") if placement.offload else device
+            return device if plan.placement[component] == "gpu" else torch.device("cpu")
+
         timings = {}
 
         def timed(name, fn):
@@ -98,23 +124,131 @@ class Engine:
             log.info("loaded %s in %.1fs", name, timings[name])
             return out
 
-        text = timed("text_encoder", lambda: TextEncoder.from_checkpoint(ckpt_dir, arch, device=home, dtype=dtype))
-        image = timed("image_encoder", lambda: ImageEncoder.from_checkpoint(ckpt_dir, arch, device=home, dtype=dtype))
-        vae = timed("vae", lambda: WanVAE.from_checkpoint(ckpt_dir, arch, device=home, dtype=vae_dtype))
-        audio = timed("audio_encoder", lambda: AudioEncoder.from_pretrained(w2v_dir, device=home, dtype=torch.float32))
-        dit = timed("transformer", lambda: load_transformer(ckpt_dir, mt_dir, arch, device=home, dtype=dtype))
+        text = timed("text_encoder", lambda: TextEncoder.from_checkpoint(ckpt_dir, arch, device=home("text_encoder"),
+                                                                         dtype=dtype))
+        image = timed("image_encoder", lambda: ImageEncoder.from_checkpoint(ckpt_dir, arch, device=home("image_encoder"),
+                                                                            dtype=dtype))
+        vae = timed("vae", lambda: WanVAE.from_checkpoint(ckpt_dir, arch, device=home("vae"), dtype=vae_dtype))
+        audio = timed("audio_encoder", lambda: AudioEncoder.from_pretrained(w2v_dir, device=home("audio_encoder"),
+                                                                             dtype=torch.float32))
+        dit_home = device if plan is not None or not placement.offload else torch.device("cpu")
+        dit = timed("transformer", lambda: load_transformer(ckpt_dir, mt_dir, arch, device=dit_home, dtype=dtype,
+                                                            host_blocks=plan.streamed if plan else ()))
         dit.eval().requires_grad_(False)
-        if config.fp8:
-            from multitalk.runtime.fp8 import quantize_linears_fp8
-
-            quantize_linears_fp8(dit)
-        if config.attention_backend:
-            dit.set_attention_backend(config.attention_backend)
-        if config.compile or (config.compile is None and device.type == "cuda"):
-            from multitalk.runtime.dit_fusion import fuse_dit
+        # (LoRAs are merged here, into the bf16 weights, before any quantisation)
+        prepare_transformer(dit, device, dtype, weights=weights, fp8=config.fp8, fp8_matmul=config.fp8_matmul,
+                            attention_backend=config.attention_backend, compile=compiled)
+        if compiled:
             from multitalk.runtime.vae_fusion import fuse_vae
 
-            fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
-            dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
-        return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings)
+        engine = cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings, plan, config, sizes)
+        if plan is not None:
+            engine.apply_plan(plan)
+        return engine
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def apply_plan(self, plan: MemoryPlan) -> None:
+        """Place the models as ``plan`` says (moving blocks between the GPU and pinned host memory)."""
+        t5 = self.text_encoder.model
+        self.placement.apply(plan, dit=self.transformer, text_encoder=t5, image_encoder=self.image_encoder,
+                             vae=self.vae, audio_encoder=self.audio_encoder.model,
+                             text_blocks=(t5.encoder.block, "encoder.block."))
+        self.plan = plan
+
+    def fit(self, workload: Workload) -> MemoryPlan | None:
+        """Before sampling: make sure ``workload`` fits the memory plan, re-planning (and moving
+        blocks) when it needs more than the plan was made for; raises ``MemoryPlanError`` when no
+        plan fits. Without a plan (CPU), nothing happens."""
+        if self.plan is None or self.config is None:
+            return None
+        plan = self.plan
+        if _covers(plan, workload):
+            return plan
+        new = _plan_for(self.config, self.arch, self.device, self.sizes, plan.weights, _is_compiled(self.transformer),
+                        workload=workload, budget=plan.budget, source=plan.source)
+        if new.streamed != plan.streamed or new.placement != plan.placement:
+            log.info("re-planned for %s: %s", workload.describe(), new.summary())
+            self.apply_plan(new)
+        self.plan = new
+        return new
+
+
+def prepare_transformer(dit: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, weights: str = "bf16",
+                        fp8: bool = False, fp8_matmul: bool | None = None, attention_backend: str | None = None,
+                        compile: bool = False) -> None:
+    """Everything ``Engine.load`` does to a loaded DiT: fp8 storage / compute, attention backend,
+    fused operations and regional compile (the benchmark applies it to its random-weight DiT)."""
+    from multitalk.runtime.fp8 import (block_linears_filter, ffn_fp8_filter, quantize_linears_fp8,
+                                       scaled_mm_supported, set_fp8_matmul)
+
+    if weights == "fp8" or fp8:
+        # --weights fp8 stores every block linear in e4m3; --fp8 alone the feed-forward ones
+        quantize_linears_fp8(dit, block_linears_filter if weights == "fp8" else ffn_fp8_filter, out_dtype=dtype)
+        use_mm = scaled_mm_supported(device) if fp8_matmul is None else bool(fp8_matmul)
+        if use_mm and not scaled_mm_supported(device):
+            raise UserInputError("fp8_matmul", f"{device} has no fp8 matmul (_scaled_mm needs CUDA compute "
+                                 "capability 8.9+: Ada or Hopper)", "leave --fp8-matmul off (weights are "
+                                 "dequantised per layer)")
+        set_fp8_matmul(dit, "scaled_mm" if use_mm else "dequant")
+    if attention_backend:
+        dit.set_attention_backend(attention_backend)
+    if compile:
+        from multitalk.runtime.dit_fusion import fuse_dit
+
+        fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
+        dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
+
+
+def _weights_format(name: str | None) -> str:
+    name = (name or "auto").lower()
+    if name in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+        return "bf16"   # the compute dtype (the plan's "bf16" means "not quantised")
+    if name in ("fp8", "e4m3", "float8"):
+        return "fp8"
+    raise UserInputError("weights", f"unknown weight format {name!r}", "use --weights bf16 or --weights fp8")
+
+
+def _is_compiled(dit: torch.nn.Module) -> bool:
+    return any(getattr(b, "_compiled_call_impl", None) is not None for b in getattr(dit, "blocks", []))
+
+
+def _covers(plan: MemoryPlan, w: Workload) -> bool:
+    """Does the plan's workload need at least as much as ``w`` in every phase that depends on it?"""
+    p = plan.workload
+    return (w.tokens <= p.tokens and w.height * w.width <= p.height * p.width and w.speakers <= p.speakers
+            and w.audio_seconds <= p.audio_seconds)
+
+
+def _wants_plan(config: EngineConfig, device: torch.device) -> bool:
+    if config.plan_memory is not None:
+        return config.plan_memory
+    return device.type == "cuda" or config.max_vram_gib is not None or config.num_persistent_param_in_dit is not None
+
+
+def _plan_for(config: EngineConfig, arch: Architecture, device: torch.device, sizes, weights: str, compiled: bool,
+              *, workload: Workload | None = None, budget: int | None = None, source: str | None = None
+              ) -> MemoryPlan | None:
+    from multitalk.runtime.memory_plan import DEFAULT_WORKLOAD, device_budget, plan_memory
+
+    if sizes is None:
+        return None
+    if budget is None:
+        budget, source = device_budget(device, config.max_vram_gib)
+    workload = workload or config.workload or DEFAULT_WORKLOAD
+    workload = Workload(workload.height, workload.width, workload.frames, workload.speakers, workload.audio_seconds,
+                        tuple(arch.vae_stride), tuple(arch.dit.patch_size[1:]))
+    return plan_memory(budget, sizes, workload, weights=weights, persistent_params=config.num_persistent_param_in_dit,
+                       offload=config.offload, compiled=compiled, source=source or "free memory")
+
+
+def _audio_config(w2v_dir: Path | None):
+    if w2v_dir is None:
+        return None
+    try:
+        from transformers import Wav2Vec2Config
+
+        return Wav2Vec2Config.from_pretrained(str(w2v_dir))
+    except Exception:  # the load itself reports a broken folder
+        return None

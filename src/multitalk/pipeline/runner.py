@@ -7,31 +7,56 @@ fetched to a local path and returns ``{video_path, frames, duration_s, width, he
 
 from __future__ import annotations
 
+import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 
+from multitalk.errors import MemoryPlanError
 from multitalk.pipeline.engine import Engine, EngineConfig
 from multitalk.pipeline.generate import Progress
 from multitalk.pipeline.inputs import GenerationParams, InputSpec
 from multitalk.pipeline.render import render
+from multitalk.runtime.memory_plan import Workload
+
+log = logging.getLogger(__name__)
+
+# the quarter-size preview bucket, the shortest clip, one speaker
+SMALLEST_WORKLOAD = Workload(height=160, width=160, frames=5, speakers=1, audio_seconds=1.0)
 
 
 class PipelineRunner:
     def __init__(self, ckpt_dir: str | None = None, wav2vec_dir: str | None = None,
                  multitalk_dir: str | None = None, preset: str | None = None, device: str = "auto",
-                 dtype: str = "auto", offload: bool = False, fp8: bool = False, compile: bool | None = None):
+                 dtype: str = "auto", offload: bool = False, fp8: bool = False, compile: bool | None = None,
+                 weights: str = "auto", max_vram_gib: float | None = None,
+                 num_persistent_param_in_dit: int | None = None):
         self.config = EngineConfig(ckpt_dir=Path(ckpt_dir) if ckpt_dir else None,
                                    wav2vec_dir=Path(wav2vec_dir) if wav2vec_dir else None,
                                    multitalk_dir=Path(multitalk_dir) if multitalk_dir else None,
                                    preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                                   compile=compile)
+                                   compile=compile, weights=weights, max_vram_gib=max_vram_gib,
+                                   num_persistent_param_in_dit=num_persistent_param_in_dit)
         self.engine: Engine | None = None
         self._lock = threading.Lock()
 
     def load(self) -> None:
         with self._lock:
             if self.engine is None:
-                self.engine = Engine.load(self.config)
+                self.engine = self._load()
+
+    def _load(self) -> Engine:
+        """The engine, planned for the largest 480p clip; where even that cannot fit, for the
+        smallest clip (jobs that need more then fail as ``out_of_memory`` with the setting to try,
+        and the worker serves the ones that fit)."""
+        try:
+            engine = Engine.load(self.config)
+        except MemoryPlanError as exc:
+            log.warning("%s; planning for small clips only", exc)
+            engine = Engine.load(replace(self.config, workload=SMALLEST_WORKLOAD))
+        if engine.plan is not None:
+            log.info(engine.plan.summary())
+        return engine
 
     def run(self, request: dict, workdir: Path, progress, should_cancel) -> dict:
         self.load()

@@ -3,7 +3,7 @@
 One :class:`Worker` runs one job at a time. While a job runs, a heartbeat thread renews the lease;
 ``should_cancel`` (checked by the runner every step) is true once cancellation was requested
 through the store or the lease was lost. Failures become job errors with a code:
-``bad_input`` (UserInputError), ``out_of_memory`` (torch.OutOfMemoryError), ``storage_error``
+``bad_input`` (UserInputError), ``out_of_memory`` (torch.OutOfMemoryError, MemoryPlanError), ``storage_error``
 (inputs unreadable or output upload failed after retries; the local output is kept),
 ``internal_error`` (anything else). The worker itself keeps serving after every failure.
 """
@@ -22,7 +22,7 @@ import traceback
 import uuid
 from pathlib import Path
 
-from multitalk.errors import UserInputError
+from multitalk.errors import MemoryPlanError, UserInputError
 
 from .config import ServiceConfig
 from .metrics import Metrics
@@ -174,6 +174,9 @@ class Worker:
                 "height": int(out["height"]), "seed": int(out["seed"])}
 
     def _error(self, job_id: str, e: Exception) -> dict:
+        if isinstance(e, MemoryPlanError):  # the memory plan cannot fit the job, or it ran out mid-run
+            log.error("job %s: out of memory: %s", job_id, e)
+            return {"code": "out_of_memory", "message": str(e)[:1000], "hint": f"try {e.fix}"}
         if _is_oom(e):
             log.error("job %s: out of memory: %s", job_id, e)
             return {"code": "out_of_memory", "message": str(e).splitlines()[0][:500],
