@@ -152,8 +152,9 @@ class _Streamed:
         if self.other is not None:
             self.other.offload()
 
-    def restream(self, streamed: Sequence[int]) -> None:
+    def restream(self, streamed: Sequence[int], prefetch: int) -> None:
         self.streamer.restream(streamed)
+        self.streamer.prefetch = self.prefetch = max(1, int(prefetch))
 
     def release(self) -> None:
         self.streamer.detach()
@@ -202,7 +203,7 @@ class Placement:
         """Give ``module`` a policy (see the module docstring), releasing its old one first."""
         old = self.policy(module)
         if old is not None and old.kind == kind == "streamed":
-            old.restream(streamed)
+            old.restream(streamed, prefetch)
             return
         if old is not None and old.kind == kind:
             return
