@@ -38,15 +38,19 @@ from multitalk.runtime.block_streaming import spread
 GIB = 2**30
 
 # --- working memory, bytes (bf16 compute; float32 doubles them) ---------------------------------
-# DiT forward: per token, in model widths of 2 bytes each, (compiled, speakers) -> widths. Eager, H200
-# run 9: peak 40.2 / 40.6 GiB for 1 / 2 speakers at 33,600 tokens with 35.5 GiB of weights -> 14.6 /
-# 15.8 widths per token. Compiled (inductor fuses the float32 residual updates): to be measured.
-DIT_WIDTHS_PER_TOKEN = {(False, 1): 15.0, (False, 2): 16.5, (True, 1): 15.0, (True, 2): 16.5}
+# Measured on the H200 (benchmarks/results/2026-12-02_nvidia-h200_probe_memory.json, "activations"
+# and "vae"), each with about 10 % added. DiT forward, per token, in model widths of 2 bytes:
+# (compiled, speakers) -> widths. Eager: 14.1 / 15.1 widths at 33,600 tokens (1 / 2 speakers),
+# 15.2 at 75,600; regionally compiled (inductor fuses the float32 residual updates): 7.7 for both.
+DIT_WIDTHS_PER_TOKEN = {(False, 1): 15.5, (False, 2): 16.5, (True, 1): 8.5, (True, 2): 8.5}
+# fp8 compute quantises each linear's input (an e4m3 copy; eager also a float32 one)
+FP8_EXTRA_WIDTHS = {False: 6.0, True: 1.0}
 DIT_FIXED = int(0.35 * GIB)            # contexts, RoPE tables, latents, guidance branches (at width 5120)
-# Wan VAE (base width 96), chunked causal encode / decode of one clip: bytes per pixel of one frame.
-VAE_ENCODE_PER_PIXEL = 4_000
-VAE_DECODE_PER_PIXEL = 6_000
-TEXT_WORK = int(0.6 * GIB)             # umT5-XXL (width 4096) on 2 x 512 tokens (position bias, attention)
+# Wan VAE (base width 96, bf16, fused): 81-frame encode / chunked decode, bytes per pixel of one
+# frame: measured 8,330 / 10,600 at 640x640 and 960x960 alike.
+VAE_ENCODE_PER_PIXEL = 9_200
+VAE_DECODE_PER_PIXEL = 11_700
+TEXT_WORK = int(0.6 * GIB)             # umT5-XXL (width 4096) on 2 x 512 tokens: measured 0.48 GiB
 CLIP_WORK = int(0.3 * GIB)             # ViT-H (width 1280)
 AUDIO_WORK = int(0.25 * GIB)           # wav2vec2-base on a few seconds ...
 AUDIO_WORK_PER_S = 24 * 2**20          # ... plus its convolution stack per second of speech
@@ -173,8 +177,9 @@ def _gib(n: float) -> str:
 
 # --- working memory -----------------------------------------------------------------------------
 
-def dit_work(sizes: ModelSizes, w: Workload, compiled: bool = False) -> int:
+def dit_work(sizes: ModelSizes, w: Workload, compiled: bool = False, fp8: bool = False) -> int:
     widths = DIT_WIDTHS_PER_TOKEN[(bool(compiled), min(max(w.speakers, 1), 2))]
+    widths += FP8_EXTRA_WIDTHS[bool(compiled)] if fp8 else 0.0
     return int((w.tokens * REFERENCE_WIDTHS["dit"] * 2 * widths + DIT_FIXED) * sizes.scale("dit"))
 
 
@@ -208,7 +213,7 @@ def _phases(sizes: ModelSizes, w: Workload, weights: str, resident: int, streame
         "text": base + text + (int(TEXT_WORK * sizes.scale("text")) if place["text_encoder"] != "cpu" else 0),
         "clip": base + visiting("image_encoder") + int(CLIP_WORK * sizes.scale("clip")),
         "vae_encode": base + visiting("vae") + vae_work(sizes, w, decode=False),
-        "sampling": base + slots + dit_work(sizes, w, compiled),
+        "sampling": base + slots + dit_work(sizes, w, compiled, fp8=weights == "fp8"),
         "vae_decode": base + visiting("vae") + vae_work(sizes, w, decode=True),
     }
 
