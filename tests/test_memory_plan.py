@@ -55,7 +55,8 @@ def test_planner_table(gib, workload, weights, resident, text, others):
     assert p.streamed == tuple(spread(40, 40 - p.resident_blocks))
     assert p.weights == weights and p.workload == workload
     line = p.summary()
-    assert "\n" not in line and line.startswith("memory plan: ") and f"{gib:.1f} GiB" in line
+    budget = f"{gib:.1f} GiB" if gib >= 10 else f"{gib:.2f} GiB"
+    assert "\n" not in line and line.startswith(f"memory plan: {budget} (free memory) -> DiT {weights}: ")
 
 
 def test_more_memory_never_means_fewer_resident_blocks():
@@ -105,7 +106,7 @@ def test_too_small_says_needed_available_and_what_to_try():
     msg = str(e)
     assert e.available == 6 * GIB and e.needed > e.available
     assert msg.startswith("not enough GPU memory: this clip (640x640x81, 2 speakers) needs about ")
-    assert "6.0 GiB available" in msg and "; try " in msg
+    assert "6.00 GiB available (free memory); try " in msg
     assert e.fix in msg
     # the suggestion, applied, fits
     if "--weights fp8" in e.fix and "--frame_num" not in e.fix:

@@ -51,7 +51,7 @@ class MemoryPlanError(MultiTalkError):
                  source: str | None = None, workload: str | None = None, during: str | None = None):
         self.needed, self.available, self.fix = needed, available, fix
         self.phase, self.source, self.workload, self.during = phase, source, workload, during
-        gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+        gib = lambda n: f"{n / 2**30:.1f} GiB" if n >= 10 * 2**30 else f"{n / 2**30:.2f} GiB"  # noqa: E731
         what = f"this clip ({workload})" if workload else "this generation"
         if during:
             text = f"the GPU ran out of memory during {during}"

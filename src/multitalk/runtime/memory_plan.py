@@ -172,7 +172,7 @@ class MemoryPlan:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.1f}"
+    return f"{n / GIB:.1f}" if n >= 10 * GIB else f"{n / GIB:.2f}"
 
 
 # --- working memory -----------------------------------------------------------------------------
@@ -291,6 +291,9 @@ def _too_small(budget: int, sizes: ModelSizes, w: Workload, weights: str, fixed:
         fix = "--weights fp8 (half the DiT's bytes)"
     else:
         fix = _smaller_clip(budget, sizes, w, weights, prefetch, smallest, compiled)
+        if fix is None:
+            fix = (f"--max-vram {-(-needed // GIB)} or more" if source == "--max-vram" else
+                   "a GPU with more free memory (nothing else running on it)")
     return MemoryPlanError(needed=needed, available=budget, phase=phase, fix=fix, source=source,
                            workload=w.describe())
 
@@ -300,7 +303,7 @@ def _fits(budget, sizes, w, weights, prefetch, place, compiled, resident=0) -> b
     return max(phases.values()) <= usable(budget)
 
 
-def _smaller_clip(budget, sizes, w, weights, prefetch, place, compiled) -> str:
+def _smaller_clip(budget, sizes, w, weights, prefetch, place, compiled) -> str | None:
     for frames in (61, 41, 21):
         for wts in dict.fromkeys((weights, "fp8")):
             if frames < w.frames and _fits(budget, sizes, replace(w, frames=frames), wts, prefetch, place, compiled):
@@ -308,7 +311,7 @@ def _smaller_clip(budget, sizes, w, weights, prefetch, place, compiled) -> str:
                 return f"--frame_num {frames}{extra} (shorter clips; --mode streaming keeps the whole audio)"
     if w.height * w.width > 640 * 640:
         return "--size multitalk-480"
-    return "a GPU with more free memory (nothing else running on it), or --device cpu"
+    return None
 
 
 # --- sizes of the real models ----------------------------------------------------------------------
