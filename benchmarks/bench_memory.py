@@ -239,16 +239,14 @@ class MemoryBench:
 
     def ensure_weights(self, weights: str) -> None:
         """fp8 rows: every block back on the GPU (uncapped), then quantised there, once."""
-        from multitalk.runtime.fp8 import block_linears_filter, quantize_linears_fp8, scaled_mm_supported
-        from multitalk.runtime.fp8 import set_fp8_matmul
-        from multitalk.runtime.memory_plan import plan_memory
+        from multitalk.runtime.fp8 import (block_linears_filter, quantize_linears_fp8, scaled_mm_supported,
+                                           set_fp8_matmul)
 
         engine = self.engine
         if weights != "fp8" or getattr(engine, "_bench_fp8", False):
             return
         self.set_cap(None)
-        everything = plan_memory(1 << 50, engine.sizes, weights="bf16", source="uncapped")
-        engine.apply_plan(everything)
+        engine.placement.set_policy(engine.transformer, "gpu")   # the encoders stay where they are
         quantize_linears_fp8(engine.transformer, block_linears_filter, out_dtype=self.setting.dtype)
         mode = "scaled_mm" if scaled_mm_supported(self.device) and self.args.fp8_matmul != "dequant" else "dequant"
         set_fp8_matmul(engine.transformer, mode)

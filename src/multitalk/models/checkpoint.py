@@ -127,6 +127,7 @@ def load_converted(
     ignore_target: Callable[[str], bool] = lambda name: False,
     strict: bool = True,
     dry_run: bool = False,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> LoadReport:
     """Stream converted tensors into ``model`` (built on ``meta``); return a :class:`LoadReport`.
 
@@ -134,7 +135,9 @@ def load_converted(
     model computes itself). With ``strict`` any missing/unexpected/mismatched key raises a
     :class:`CheckpointError`; with ``dry_run`` nothing is assigned (used by ``weights check`` and the
     full-size meta tests). ``device`` may be a function of the model key (a memory plan loads the
-    blocks it streams into host memory and the rest onto the GPU).
+    blocks it streams into host memory and the rest onto the GPU); ``transform(key, tensor)``, when
+    given, replaces each tensor after its cast, before it is assigned (fp8 weight storage quantises
+    there, so no copy of the whole model in the compute dtype ever exists).
     """
     device_of = device if callable(device) else (lambda name: device)
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
@@ -167,6 +170,8 @@ def load_converted(
                 value = value.to(device=target, dtype=target_dtype, copy=False)
             else:
                 value = value.to(device=target)
+            if transform is not None:
+                value = transform(new_key, value)
             _set_tensor(model, new_key, value.contiguous())
     report.missing = sorted(k for k in expected if k not in seen and not ignore_target(k))
     if strict and not dry_run and report.missing:

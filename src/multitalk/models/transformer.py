@@ -605,14 +605,15 @@ def _resolve_arch(ckpt_dir, arch: Architecture | DiTConfig | str | None) -> DiTC
 
 def load_transformer(ckpt_dir: str | Path, multitalk_dir: str | Path | None = None,
                      arch: Architecture | DiTConfig | str | None = None, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32, host_blocks: Iterable[int] = ()
-                     ) -> MultiTalkTransformer3DModel:
+                     dtype: torch.dtype = torch.float32, host_blocks: Iterable[int] = (),
+                     transform=None) -> MultiTalkTransformer3DModel:
     """Load the MultiTalk DiT from the official folders (see :func:`multitalk.models.layout.find_dit_files`).
 
     Built on ``meta`` and streamed tensor by tensor, cast to ``dtype`` (``keep_fp32`` ones float32)
     on ``device``, except the blocks in ``host_blocks``, which go to the CPU (the blocks a memory
-    plan streams); the RoPE tables are then recomputed. Raises ``CheckpointError`` naming file, key
-    and expected shape on any mismatch, missing or unexpected tensor.
+    plan streams); the RoPE tables are then recomputed. ``transform(key, tensor)`` may replace each
+    tensor as it is loaded (see ``load_converted``). Raises ``CheckpointError`` naming file, key and
+    expected shape on any mismatch, missing or unexpected tensor.
     """
     on_host = {f"blocks.{i}." for i in host_blocks}
 
@@ -629,7 +630,7 @@ def load_transformer(ckpt_dir: str | Path, multitalk_dir: str | Path | None = No
         return torch.float32 if keep_fp32(convert_dit_key(official_key, None)[0][0]) else dtype
 
     load_converted(model, iter_dit_tensors(files, dtype_for), convert_dit_key, component="transformer", dtype=dtype,
-                   keep_fp32=keep_fp32, device=device_of)
+                   keep_fp32=keep_fp32, device=device_of, transform=transform)
     model.rope.reset_tables(device)
     return model.eval().requires_grad_(False)
 

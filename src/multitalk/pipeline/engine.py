@@ -132,12 +132,19 @@ class Engine:
         audio = timed("audio_encoder", lambda: AudioEncoder.from_pretrained(w2v_dir, device=home("audio_encoder"),
                                                                              dtype=torch.float32))
         dit_home = device if plan is not None or not placement.offload else torch.device("cpu")
+        # --weights fp8: the block linears are quantised as they are read, so that neither host nor
+        # device memory ever holds the whole DiT in bf16. (LoRAs, merged right after loading, need
+        # the bf16 weights: with them, load in bf16, merge, then quantise in prepare_transformer.)
+        from multitalk.runtime.fp8 import LoadQuantizer
+
+        quantizer = LoadQuantizer() if weights == "fp8" else None
         dit = timed("transformer", lambda: load_transformer(ckpt_dir, mt_dir, arch, device=dit_home, dtype=dtype,
-                                                            host_blocks=plan.streamed if plan else ()))
+                                                            host_blocks=plan.streamed if plan else (),
+                                                            transform=quantizer))
         dit.eval().requires_grad_(False)
-        # (LoRAs are merged here, into the bf16 weights, before any quantisation)
         prepare_transformer(dit, device, dtype, weights=weights, fp8=config.fp8, fp8_matmul=config.fp8_matmul,
-                            attention_backend=config.attention_backend, compile=compiled)
+                            attention_backend=config.attention_backend, compile=compiled,
+                            fp8_scales=quantizer.scales if quantizer else None)
         if compiled:
             from multitalk.runtime.vae_fusion import fuse_vae
 
@@ -177,7 +184,7 @@ class Engine:
 
 def prepare_transformer(dit: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, weights: str = "bf16",
                         fp8: bool = False, fp8_matmul: bool | None = None, attention_backend: str | None = None,
-                        compile: bool = False) -> None:
+                        compile: bool = False, fp8_scales: dict | None = None) -> None:
     """Everything ``Engine.load`` does to a loaded DiT: fp8 storage / compute, attention backend,
     fused operations and regional compile (the benchmark applies it to its random-weight DiT)."""
     from multitalk.runtime.fp8 import (block_linears_filter, ffn_fp8_filter, quantize_linears_fp8,
@@ -185,7 +192,8 @@ def prepare_transformer(dit: torch.nn.Module, device: torch.device, dtype: torch
 
     if weights == "fp8" or fp8:
         # --weights fp8 stores every block linear in e4m3; --fp8 alone the feed-forward ones
-        quantize_linears_fp8(dit, block_linears_filter if weights == "fp8" else ffn_fp8_filter, out_dtype=dtype)
+        quantize_linears_fp8(dit, block_linears_filter if weights == "fp8" else ffn_fp8_filter, out_dtype=dtype,
+                             scales=fp8_scales)
         use_mm = scaled_mm_supported(device) if fp8_matmul is None else bool(fp8_matmul)
         if use_mm and not scaled_mm_supported(device):
             raise UserInputError("fp8_matmul", f"{device} has no fp8 matmul (_scaled_mm needs CUDA compute "

@@ -142,13 +142,15 @@ default_fp8_filter = ffn_fp8_filter  # within the 3e-2 quality budget; see bench
 
 
 def quantize_linears_fp8(model: nn.Module, include: Callable[[str, nn.Linear], bool] = default_fp8_filter,
-                         out_dtype: torch.dtype | None = torch.bfloat16, matmul: str = "scaled_mm") -> int:
+                         out_dtype: torch.dtype | None = torch.bfloat16, matmul: str = "scaled_mm",
+                         scales: dict[str, torch.Tensor] | None = None) -> int:
     """Replace matching ``nn.Linear`` modules in place; returns how many were replaced.
 
     ``out_dtype`` None keeps each layer's own dtype. ``matmul`` as :class:`Fp8Linear`'s, except that
     a layer ``_scaled_mm`` cannot take (a dimension not divisible by 16) always dequantises.
     Quantises one layer at a time and drops its original weight at once, so the model never holds
-    both copies of more than one layer.
+    both copies of more than one layer. A layer whose weight is already e4m3 (quantised while
+    loading, :class:`LoadQuantizer`) takes its scale from ``scales[name]``.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and include(n, m)]
     for name in names:  # names only: each original layer is freed as soon as it is replaced
@@ -156,9 +158,36 @@ def quantize_linears_fp8(model: nn.Module, include: Callable[[str, nn.Linear], b
         parent = model.get_submodule(parent_name) if parent_name else model
         module = getattr(parent, leaf)
         mode = matmul if _fits_fp8(module) else "dequant"
-        setattr(parent, leaf, Fp8Linear(module, out_dtype=out_dtype or module.weight.dtype, matmul=mode))
+        if module.weight.dtype == torch.float8_e4m3fn:
+            if scales is None or name not in scales:
+                raise ValueError(f"{name} holds e4m3 weights but no scale was recorded for it")
+            bias = module.bias.detach() if module.bias is not None else None
+            new = Fp8Linear(out_dtype=out_dtype or torch.bfloat16, matmul=mode, weight_fp8=module.weight.detach(),
+                            weight_scale=scales.pop(name), bias=bias)
+        else:
+            new = Fp8Linear(module, out_dtype=out_dtype or module.weight.dtype, matmul=mode)
+        setattr(parent, leaf, new)
         del module
     return len(names)
+
+
+class LoadQuantizer:
+    """A loader ``transform`` (``models.checkpoint.load_converted``) that stores the weights of the
+    layers ``quantize_linears_fp8(..., scales=quantizer.scales)`` will replace as e4m3 as they are
+    read: every 2-D ``.weight`` under ``prefix`` (in the DiT's blocks these are exactly the linear
+    layers). Host and device memory then never hold the compute-dtype copy of more than one tensor."""
+
+    def __init__(self, prefix: str = "blocks."):
+        self.prefix = prefix
+        self.scales: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name.startswith(self.prefix) and name.endswith(".weight") and tensor.ndim == 2 \
+                and tensor.is_floating_point():
+            q, scale = quantize_weight(tensor)
+            self.scales[name[:-len(".weight")]] = scale.reshape(1, -1)
+            return q
+        return tensor
 
 
 def set_fp8_matmul(model: nn.Module, matmul: str) -> int:
