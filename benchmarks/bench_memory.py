@@ -1,6 +1,6 @@
 """GPU benchmark of the memory tiers (issue 17): one full-size two-speaker 640x640x81 clip, 4 steps x 3
 passes, with real-size random umT5-XXL / CLIP / Wan VAE / wav2vec2 around the random 14B DiT (the
-builders of ``bench.py``), fused and regionally compiled as ``Engine.load`` does on CUDA, run
+builders of ``builders.py``), put together by ``Engine.from_components`` (fused and compiled), run
 uncapped with every model resident and then under ``torch.cuda.set_per_process_memory_fraction``
 caps that emulate smaller cards, each with the plan ``runtime.memory_plan`` chooses for that cap:
 
@@ -49,7 +49,8 @@ try:
 except ImportError:  # a bare checkout (the GPU image): use the source tree
     sys.path.insert(0, str(HERE.parent / "src"))
 
-from bench import NAN, Setting, StageTimer, build_dit, build_engine, dit_inputs, rel_l2, slug, sync  # noqa: E402
+from builders import build_dit, build_engine, dit_inputs  # noqa: E402
+from harness import NAN, Setting, StageTimer, rel_l2, slug, sync  # noqa: E402
 
 from multitalk.models.architecture import FULL_14B, TINY  # noqa: E402
 
@@ -128,14 +129,13 @@ class MemoryBench:
     # -- building ----------------------------------------------------------------------------------
 
     def build(self) -> None:
-        from multitalk.pipeline.engine import EngineConfig, prepare_transformer
+        from multitalk.pipeline.engine import EngineConfig
         from multitalk.runtime.memory_plan import model_sizes
 
         s = self.setting
         t0 = time.perf_counter()
         dit = build_dit(s)
-        engine = build_engine(s, dit)
-        prepare_transformer(dit, s.device, s.dtype, compile=s.device.type == "cuda")
+        engine = build_engine(s, dit)      # Engine.from_components: fused and compiled on CUDA
         sizes = model_sizes(s.arch, s.dtype, engine.vae.dtype)
         audio = sum(t.numel() * t.element_size() for t in engine.audio_encoder.model.parameters())
         engine.sizes = replace(sizes, audio_encoder=audio)
@@ -173,8 +173,7 @@ class MemoryBench:
         cond = Conditions(speech=speech, mix=speech[0], audio_embs=embs, num_audio_frames=embs[0].shape[0],
                           context=context, context_null=context_null, cond_image=cond_image,
                           ref_masks=speaker_masks(height, width, height, width, 2), height=height, width=width)
-        with timer.module("dit", engine.transformer):
-            result = generate(engine, None, params, on_frames=frames.append, conditions=cond)
+        result = generate(engine, None, params, on_frames=frames.append, conditions=cond, stages=timer.stage)
         sync(self.device)
         total = time.perf_counter() - t0
         return total, torch.cat(frames, dim=1), result.frames

@@ -40,7 +40,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import torch  # noqa: E402
 
-from bench import Setting, build_dit, build_vae, dit_inputs, random_items, rel_l2  # noqa: E402
+from builders import build_dit, build_vae, dit_inputs, random_items  # noqa: E402
+from harness import Setting, rel_l2  # noqa: E402
 from probe import Probe  # noqa: E402
 
 from multitalk.models.architecture import FULL_14B, TINY  # noqa: E402

@@ -96,8 +96,7 @@ class Engine:
         vae_dtype = resolve_dtype(config.vae_dtype, device)
         arch = detect_architecture(ckpt_dir)
         weights = _weights_format(config.weights)
-        placement = Placement(device, offload=config.offload)
-        configure_backends(device)
+        offload = config.offload and device.type != "cpu"
         compiled = bool(config.compile or (config.compile is None and device.type == "cuda"))
         # the memory plan decides where each model lives before anything is loaded, so that nothing
         # is loaded twice (streamed blocks go to host memory, resident ones straight to the GPU)
@@ -111,8 +110,8 @@ class Engine:
             log.info(plan.summary())
 
         def home(component: str) -> torch.device:
-            if plan is None:
-                return torch.device("cpu") if placement.offload else device
+            if plan is None:  # without a plan, --offload_model loads on the CPU and onloads per use
+                return torch.device("cpu") if offload else device
             return device if plan.placement[component] == "gpu" else torch.device("cpu")
 
         timings = {}
@@ -131,7 +130,7 @@ class Engine:
         vae = timed("vae", lambda: WanVAE.from_checkpoint(ckpt_dir, arch, device=home("vae"), dtype=vae_dtype))
         audio = timed("audio_encoder", lambda: AudioEncoder.from_pretrained(w2v_dir, device=home("audio_encoder"),
                                                                              dtype=torch.float32))
-        dit_home = device if plan is not None or not placement.offload else torch.device("cpu")
+        dit_home = device if plan is not None or not offload else torch.device("cpu")
         # --weights fp8: the block linears are quantised as they are read, so that neither host nor
         # device memory ever holds the whole DiT in bf16. (LoRAs, merged right after loading, need
         # the bf16 weights: with them, load in bf16, merge, then quantise in prepare_transformer.)
@@ -142,14 +141,38 @@ class Engine:
                                                             host_blocks=plan.streamed if plan else (),
                                                             transform=quantizer))
         dit.eval().requires_grad_(False)
-        prepare_transformer(dit, device, dtype, weights=weights, fp8=config.fp8, fp8_matmul=config.fp8_matmul,
-                            attention_backend=config.attention_backend, compile=compiled,
-                            fp8_scales=quantizer.scales if quantizer else None)
+        return cls.from_components(arch, text_encoder=text, image_encoder=image, vae=vae, audio_encoder=audio,
+                                   transformer=dit, config=config, load_seconds=timings, plan=plan, sizes=sizes,
+                                   fp8_scales=quantizer.scales if quantizer else None)
+
+    @classmethod
+    def from_components(cls, arch: Architecture, *, text_encoder, image_encoder, vae, audio_encoder,
+                        transformer: torch.nn.Module, config: EngineConfig | None = None,
+                        load_seconds: dict | None = None, plan: MemoryPlan | None = None, sizes=None,
+                        fp8_scales: dict | None = None) -> "Engine":
+        """An engine around models already built (by :meth:`load`, or the benchmark's random
+        full-size ones), with ``config``'s runtime choices applied as :meth:`load` applies them:
+        backend settings, fp8 weights / compute, attention backend, and on CUDA (or with
+        ``compile=True``) the fused DiT / VAE operations and the DiT blocks' regional compile, then
+        the memory ``plan``'s placement (none: every model stays where it is). Each of these is
+        skipped where the model already has it (a DiT compiled beforehand is not compiled again)."""
+        config = config or EngineConfig()
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        placement = Placement(device, offload=config.offload)
+        configure_backends(device)
+        dit = transformer.eval().requires_grad_(False)
+        compiled = bool(config.compile or (config.compile is None and device.type == "cuda"))
+        # (LoRAs are merged before this, into the bf16 weights: quantisation comes after the merge)
+        prepare_transformer(dit, device, dtype, weights=_weights_format(config.weights), fp8=config.fp8,
+                            fp8_matmul=config.fp8_matmul, attention_backend=config.attention_backend,
+                            compile=compiled, fp8_scales=fp8_scales)
         if compiled:
             from multitalk.runtime.vae_fusion import fuse_vae
 
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
-        engine = cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings, plan, config, sizes)
+        engine = cls(arch, text_encoder, image_encoder, vae, audio_encoder, dit, device, dtype, placement,
+                     load_seconds if load_seconds is not None else {}, plan, config, sizes)
         if plan is not None:
             engine.apply_plan(plan)
         return engine
@@ -206,7 +229,8 @@ def prepare_transformer(dit: torch.nn.Module, device: torch.device, dtype: torch
         from multitalk.runtime.dit_fusion import fuse_dit
 
         fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
-        dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
+        if not _is_compiled(dit):
+            dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
 
 
 def _weights_format(name: str | None) -> str:
@@ -219,7 +243,11 @@ def _weights_format(name: str | None) -> str:
 
 
 def _is_compiled(dit: torch.nn.Module) -> bool:
+    """Whether the DiT's blocks are already compiled (``nn.Module.compile`` keeps the compiled call)."""
     return any(getattr(b, "_compiled_call_impl", None) is not None for b in getattr(dit, "blocks", []))
+
+
+_blocks_compiled = _is_compiled
 
 
 def _covers(plan: MemoryPlan, w: Workload) -> bool:
