@@ -35,5 +35,6 @@ def test_tiny_cpu_memory_bench(tmp_path):
     assert cap24["video_bit_identical_to_resident"] is True
     assert cap24["streamers"][0]["blocks_streamed"] == 1 * 3 and cap24["streamers"][0]["waited"] == 0
     assert cap12["plan_detail"]["weights"] == "fp8"
+    assert report["fp8"]["matmul"] == "dequant" and 1e-4 < report["fp8"]["dit_rel_err_vs_bf16"] < 0.2
     assert 1e-4 < cap12["video_rel_err_vs_resident"] < 0.3
     assert cap24["host_weights_gib"] > 0 and cap24["frames"] == 9
