@@ -33,15 +33,15 @@ TABLE = [
     (80, P720, "bf16", (40, 40), GPU, GPU),
     (48, P480, "bf16", (40, 40), STREAMED, PER_USE),    # 48 GB: the DiT fits if the encoders leave
     (48, P480, "fp8", (40, 40), GPU, GPU),              # ... fp8 blocks leave room for everything
-    (24, P480, "bf16", (18, 20), STREAMED, PER_USE),    # 24 GB: about half resident, half streamed
-    (24, P720, "bf16", (12, 14), STREAMED, PER_USE),    # 720p: VAE decode 9 GiB, fewer resident
-    (24, P480, "fp8", (38, 40), STREAMED, PER_USE),
+    (24, P480, "bf16", (17, 19), STREAMED, PER_USE),    # 24 GB: about half resident, half streamed
+    (24, P720, "bf16", (10, 12), PER_USE, PER_USE),     # 720p: VAE decode 11 GiB, fewer resident
+    (24, P480, "fp8", (36, 38), STREAMED, PER_USE),
     (24, ONE_SPEAKER_SHORT, "bf16", (18, 20), STREAMED, PER_USE),  # VAE decode bounds it, not the clip
-    (16, P480, "bf16", (9, 11), STREAMED, PER_USE),
-    (12, P480, "fp8", (11, 13), STREAMED, PER_USE),
-    (12, P480, "bf16", (5, 7), STREAMED, PER_USE),
-    (8, P480, "bf16", (0, 2), STREAMED, PER_USE),       # 8 GB: every block but one or two streamed
-    (8, P480, "fp8", (2, 4), STREAMED, PER_USE),
+    (16, P480, "bf16", (8, 10), STREAMED, PER_USE),
+    (12, P480, "fp8", (9, 11), STREAMED, PER_USE),
+    (12, P480, "bf16", (4, 6), STREAMED, PER_USE),
+    (8, P480, "bf16", (0, 1), STREAMED, PER_USE),       # 8 GB: (almost) every block streamed
+    (8, P480, "fp8", (0, 2), STREAMED, PER_USE),
 ]
 
 

@@ -50,6 +50,9 @@ DIT_FIXED = int(0.35 * GIB)            # contexts, RoPE tables, latents, guidanc
 # frame: measured 8,330 / 10,600 at 640x640 and 960x960 alike.
 VAE_ENCODE_PER_PIXEL = 9_200
 VAE_DECODE_PER_PIXEL = 11_700
+# ... and while a clip decodes, its frames gather on the GPU in float32 (the chunks, then their
+# concatenation): 3 channels x 4 bytes x 2 per pixel and frame
+VIDEO_BYTES_PER_PIXEL_FRAME = 24
 TEXT_WORK = int(0.6 * GIB)             # umT5-XXL (width 4096) on 2 x 512 tokens: measured 0.48 GiB
 CLIP_WORK = int(0.3 * GIB)             # ViT-H (width 1280)
 AUDIO_WORK = int(0.25 * GIB)           # wav2vec2-base on a few seconds ...
@@ -185,7 +188,8 @@ def dit_work(sizes: ModelSizes, w: Workload, compiled: bool = False, fp8: bool =
 
 def vae_work(sizes: ModelSizes, w: Workload, decode: bool) -> int:
     per_pixel = VAE_DECODE_PER_PIXEL if decode else VAE_ENCODE_PER_PIXEL
-    return int(w.height * w.width * per_pixel * sizes.scale("vae"))
+    video = VIDEO_BYTES_PER_PIXEL_FRAME * w.frames * w.height * w.width if decode else 0
+    return int(w.height * w.width * per_pixel * sizes.scale("vae")) + video
 
 
 def audio_work(sizes: ModelSizes, w: Workload) -> int:
