@@ -247,9 +247,6 @@ def _is_compiled(dit: torch.nn.Module) -> bool:
     return any(getattr(b, "_compiled_call_impl", None) is not None for b in getattr(dit, "blocks", []))
 
 
-_blocks_compiled = _is_compiled
-
-
 def _covers(plan: MemoryPlan, w: Workload) -> bool:
     """Does the plan's workload need at least as much as ``w`` in every phase that depends on it?"""
     p = plan.workload
