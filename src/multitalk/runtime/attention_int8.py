@@ -49,15 +49,17 @@ class KernelConfig:
     """One compiled variant of the attention kernel.
 
     ``pv``: precision of P·V (``"bf16"`` or ``"fp8"``); ``k_scale``: one int8 scale per ``block_n``
-    keys (``"block"``) or per key (``"token"``); the rest are Triton's launch parameters.
+    keys (``"block"``) or per key (``"token"``); the rest are Triton's launch parameters
+    (``maxnreg``: a register cap per thread, 0 for none).
     """
 
-    block_m: int = 128
+    block_m: int = 64
     block_n: int = 128
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 2
     pv: str = "bf16"
     k_scale: str = "block"
+    maxnreg: int = 0           # register cap per thread (0: the compiler's choice)
 
     def __post_init__(self):
         if self.pv not in MODES:
@@ -66,8 +68,14 @@ class KernelConfig:
             raise ValueError(f"k_scale must be one of {K_SCALES}, got {self.k_scale!r}")
 
 
-# The H200 choice (benchmarks/probe_int8_attention.py picks it; see benchmarks/results).
+# The H200's fastest shape (benchmarks/probe_int8_attention.py, 2026-12-02: 649 TOPS against cuDNN
+# bf16's 576 TFLOP/s; one warpgroup of 64 query rows per program, two programs per multiprocessor)
 DEFAULT_CONFIG = KernelConfig()
+
+
+def config_args(c: KernelConfig) -> tuple:
+    """``c`` as the positional arguments of :func:`int8_attention` after q, k, v."""
+    return (c.block_m, c.block_n, c.num_warps, c.num_stages, c.pv, c.k_scale, c.maxnreg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,11 +324,12 @@ def attention_quantized(qz: Quantized, shape: tuple, out_dtype: torch.dtype, con
         v_desc = TensorDescriptor(qz.v, [batch * seq, heads * dim], [heads * dim, 1], [bn, dim])
         v_scale = qz.q_scale                                                   # unused
     grid = (-(-seq // bm), batch * heads)
+    extra = {"maxnreg": config.maxnreg} if config.maxnreg else {}
     _kernels()["attention_fwd"][grid](
         q_desc, k_desc, v_desc, qz.q_scale, qz.k_scale, v_scale, out, seq, heads,
         out.stride(0), out.stride(1), out.stride(2),
         BLOCK_M=bm, BLOCK_N=bn, D=dim, PV_FP8=config.pv == "fp8", K_TOKEN=config.k_scale == "token",
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **extra)
     return out
 
 
@@ -378,18 +387,19 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: in
 
 
 @torch.library.custom_op("multitalk::int8_attention", mutates_args=())
-def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int = 128, block_n: int = 128,
-                   num_warps: int = 8, num_stages: int = 2, pv: str = "bf16", k_scale: str = "block") -> torch.Tensor:
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int = 64, block_n: int = 128,
+                   num_warps: int = 4, num_stages: int = 2, pv: str = "bf16", k_scale: str = "block",
+                   maxnreg: int = 0) -> torch.Tensor:
     """Self-attention of ``q, k, v [B, S, H, D]`` (unit last stride) through the 8-bit Triton kernel.
 
     Returns a new ``[B, S, H, D]`` tensor in q's dtype. Softmax scale ``1/sqrt(D)``, no mask.
     """
-    config = KernelConfig(block_m, block_n, num_warps, num_stages, pv, k_scale)
+    config = KernelConfig(block_m, block_n, num_warps, num_stages, pv, k_scale, maxnreg)
     return attention_quantized(quantize(q, k, v, config), tuple(q.shape), q.dtype, config)
 
 
 @int8_attention.register_fake
-def _(q, k, v, block_m=128, block_n=128, num_warps=8, num_stages=2, pv="bf16", k_scale="block"):
+def _(q, k, v, block_m=64, block_n=128, num_warps=4, num_stages=2, pv="bf16", k_scale="block", maxnreg=0):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -436,7 +446,7 @@ class Int8SelfAttention:
         if self.reference:
             return reference_int8_attention(query, key, value, self.config)
         c = self.config
-        return int8_attention(query, key, value, c.block_m, c.block_n, c.num_warps, c.num_stages, c.pv, c.k_scale)
+        return int8_attention(query, key, value, *config_args(c))
 
 
 def enable_int8_self_attention(model: nn.Module, config: KernelConfig = DEFAULT_CONFIG,
