@@ -65,7 +65,7 @@ def kernel_figures(b: bench.Bench, sec: dict) -> None:
     d = b.setting.arch.dit
     tokens, heads, dim = b.setting.tokens, d.num_heads, d.dim // d.num_heads
     ops = 4 * tokens * tokens * dim * heads
-    modes = {"int8": A.DEFAULT_CONFIG, "int8_fp8pv": A.KernelConfig(pv="fp8", num_stages=3)}
+    modes = {"int8": A.DEFAULT_CONFIG, "int8_fp8pv": A.KernelConfig(pv="fp8")}
 
     def cudnn(q, k, v):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):

@@ -334,46 +334,45 @@ def attention_quantized(qz: Quantized, shape: tuple, out_dtype: torch.dtype, con
 
 
 def reference_attention_quantized(qz: Quantized, shape: tuple, out_dtype: torch.dtype, config: KernelConfig,
-                                  chunk: int = 1024) -> torch.Tensor:
-    """What :func:`attention_quantized` computes, in PyTorch float64 (tile by tile, as the kernel).
+                                  chunk: int = 1024, compute: torch.dtype = torch.float64) -> torch.Tensor:
+    """What :func:`attention_quantized` computes, in PyTorch (``compute``: float64, or float32 as the kernel).
 
-    Scores are the exact int8 products times the scales; each ``block_n`` tile of probabilities
-    ``exp2(s - m)`` (m: the running row max) is rounded to bf16 (or to e4m3 after x448) before the
-    P·V product; the row sum uses the unrounded probabilities, as the kernel does.
+    Scores are the exact int8 products times the scales. The kernel's online softmax is reproduced
+    tile by tile: tile ``j`` (``block_n`` keys) gets the probabilities ``exp2(s - m_j)``, ``m_j`` the
+    running row maximum after that tile, rounded to bf16 (or to e4m3 after x448) for the P·V
+    product; the kernel's rescaling of its accumulator by ``exp2(m_{j-1} - m_j)`` after each tile
+    multiplies up to ``exp2(m_j - m_last)``, which is applied here directly. The row sum uses the
+    unrounded probabilities, as the kernel does.
     """
     batch, seq, heads, dim = shape
     bn = config.block_n
-    q = qz.q8.double() * qz.q_scale.double()[..., None]                      # [B, H, S, D], log2 units
-    k = qz.k8.double()
+    tiles = -(-seq // bn)
+    q = qz.q8.to(compute) * qz.q_scale.to(compute)[..., None]                      # [B, H, S, D], log2 units
+    k = qz.k8.to(compute)
     if config.k_scale == "token":
-        k = k * qz.k_scale.double()[..., None]
+        k = k * qz.k_scale.to(compute)[..., None]
     else:
-        k = k * qz.k_scale.double().repeat_interleave(bn, dim=-1)[..., :seq, None]
+        k = k * qz.k_scale.to(compute).repeat_interleave(bn, dim=-1)[..., :seq, None]
     if config.pv == "fp8":
-        v = qz.v[..., :seq].double().transpose(-1, -2)                        # [B, H, S, D] in e4m3 units
+        v = qz.v[..., :seq].to(compute).transpose(-1, -2)                        # [B, H, S, D] in e4m3 units
     else:
-        v = qz.v.double().transpose(1, 2)
-    out = torch.empty(batch, heads, seq, dim, dtype=torch.float64, device=q.device)
+        v = qz.v.to(compute).transpose(1, 2)
+    v = torch.nn.functional.pad(v, (0, 0, 0, tiles * bn - seq))
+    out = torch.empty(batch, heads, seq, dim, dtype=compute, device=q.device)
     for i in range(0, seq, chunk):
-        qi = q[:, :, i:i + chunk]
-        m = torch.full(qi.shape[:-1] + (1,), float("-inf"), dtype=torch.float64, device=q.device)
-        l = torch.zeros_like(m)
-        acc = torch.zeros(qi.shape, dtype=torch.float64, device=q.device)
-        for j in range(0, seq, bn):
-            s = qi @ k[:, :, j:j + bn].transpose(-1, -2)
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            p = torch.exp2(s - m_new)
-            alpha = torch.exp2(m - m_new)
-            l = l * alpha + p.sum(dim=-1, keepdim=True)
-            if config.pv == "fp8":
-                p_r = (p * E4M3_MAX).float().to(torch.float8_e4m3fn).double()
-            else:
-                p_r = p.to(torch.bfloat16).double()
-            acc = acc * alpha + p_r @ v[:, :, j:j + bn]
-            m = m_new
-        out[:, :, i:i + chunk] = acc / l
+        s = q[:, :, i:i + chunk] @ k.transpose(-1, -2)                         # [B, H, c, S]
+        s = torch.nn.functional.pad(s, (0, tiles * bn - seq), value=float("-inf")).unflatten(-1, (tiles, bn))
+        m = s.amax(dim=-1).cummax(dim=-1).values                              # running max after each tile
+        p = torch.exp2(s - m[..., None])                                      # [B, H, c, tiles, bn]
+        l = (p.sum(dim=-1) * torch.exp2(m - m[..., -1:])).sum(dim=-1, keepdim=True)
+        if config.pv == "fp8":
+            p = (p * E4M3_MAX).float().to(torch.float8_e4m3fn).to(compute)
+        else:
+            p = p.to(torch.bfloat16).to(compute)
+        p = (p * torch.exp2(m - m[..., -1:])[..., None]).flatten(-2)
+        out[:, :, i:i + chunk] = (p @ v) / l
     if config.pv == "fp8":
-        out = out * (qz.v_scale.double() / E4M3_MAX)[:, :, None, :]
+        out = out * (qz.v_scale.to(compute) / E4M3_MAX)[:, :, None, :]
     return out.transpose(1, 2).to(out_dtype)
 
 
@@ -404,9 +403,11 @@ def _(q, k, v, block_m=64, block_n=128, num_warps=4, num_stages=2, pv="bf16", k_
 
 
 def reference_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
+                             config: KernelConfig = DEFAULT_CONFIG, compute: torch.dtype = torch.float64
+                             ) -> torch.Tensor:
     """:func:`int8_attention`'s arithmetic in PyTorch alone (any device; CPU tests, the tiny pipeline)."""
-    return reference_attention_quantized(quantize_reference(q, k, v, config), tuple(q.shape), q.dtype, config)
+    return reference_attention_quantized(quantize_reference(q, k, v, config), tuple(q.shape), q.dtype, config,
+                                         compute=compute)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,21 +444,21 @@ class Int8SelfAttention:
         self.reference = reference
 
     def __call__(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        if self.reference:
-            return reference_int8_attention(query, key, value, self.config)
+        if self.reference:  # float32 arithmetic, as the kernel's
+            return reference_int8_attention(query, key, value, self.config, compute=torch.float32)
         c = self.config
         return int8_attention(query, key, value, *config_args(c))
 
 
 def enable_int8_self_attention(model: nn.Module, config: KernelConfig = DEFAULT_CONFIG,
-                               reference: bool = False) -> int:
+                               reference: bool = False, device: torch.device | str | None = None) -> int:
     """Run every MultiTalk block's self-attention through :class:`Int8SelfAttention`; returns how many.
 
-    With the Triton kernel (``reference=False``), raises ``RuntimeError`` naming the reason when this
-    machine cannot run it (see :func:`availability`).
+    With the Triton kernel (``reference=False``), raises ``RuntimeError`` naming the reason when
+    ``device`` (default: where the model's parameters are) cannot run it (see :func:`availability`).
     """
     if not reference:
-        ok, why = availability(next(model.parameters()).device)
+        ok, why = availability(device if device is not None else next(model.parameters()).device)
         if not ok:
             raise RuntimeError(f"int8 attention unavailable: {why}")
     processors = self_attention_processors(model)
@@ -473,3 +474,35 @@ def disable_int8_self_attention(model: nn.Module) -> int:
     for processor in switched:
         processor.sdpa_override = None
     return len(switched)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the self-attention of an engine
+
+MODES_CLI = ("auto", "sdpa", "int8")
+
+
+def select_self_attention(mode: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The DiT self-attention an engine runs: ``"int8"`` or ``"sdpa"``.
+
+    ``auto``: the 8-bit kernel on a Hopper GPU (compute capability 9.x) in bf16/fp16, where it passed
+    the issue's gates (H200: 1.13x cuDNN bf16's rate, DiT output 2.25e-2 from eager bf16 at full
+    size, as close as the compiled bf16 forward itself); elsewhere ``sdpa``. ``int8`` where it
+    cannot run, or an unknown mode, raises :class:`UserInputError` (exit 2 on the command line).
+    """
+    from multitalk.errors import UserInputError
+
+    if mode not in MODES_CLI:
+        raise UserInputError("attention", f"unknown attention {mode!r}", f"use one of {', '.join(MODES_CLI)}")
+    if mode == "sdpa":
+        return "sdpa"
+    dev = torch.device(device)
+    ok, why = availability(dev)
+    if ok and torch.cuda.get_device_capability(dev)[0] != 9:
+        ok, why = False, "the kernel is built and measured for Hopper (compute capability 9.x) only"
+    if mode == "auto":
+        return "int8" if ok and dtype in (torch.bfloat16, torch.float16) else "sdpa"
+    if not ok:
+        raise UserInputError("attention", f"the 8-bit attention cannot run here: {why} (device {dev})",
+                             "use --attention sdpa (or auto)")
+    return "int8"
