@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench import rel_l2 as rel  # noqa: E402
+from harness import rel_l2 as rel  # noqa: E402
 from ceilings import cuda_time  # noqa: E402
 from probe import Probe  # noqa: E402
 
@@ -215,7 +215,8 @@ def tune():
 
 
 def dit():
-    import bench
+    import builders
+    import harness
     from multitalk.models.architecture import FULL_14B
     from multitalk.runtime.dit_fusion import fuse_dit
     from multitalk.runtime.fp8 import ffn_fp8_filter, quantize_linears_fp8
@@ -224,16 +225,16 @@ def dit():
     for name in ("recompile_limit", "cache_size_limit"):  # one recompile per variant below
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
-    s = bench.Setting(FULL_14B, torch.device("cuda"), torch.bfloat16, text_tokens=200)
-    model = bench.build_dit(s)
-    one = bench.dit_inputs(s, 1)
+    s = harness.Setting(FULL_14B, torch.device("cuda"), torch.bfloat16, text_tokens=200)
+    model = builders.build_dit(s)
+    one = builders.dit_inputs(s, 1)
 
     def fwd():
         with torch.no_grad():
             return model(**one)
 
     def timed(label, repeat=3):
-        stats, out = bench.measure(fwd, s.device, warmup=0, repeat=repeat)
+        stats, out = harness.measure(fwd, s.device, warmup=0, repeat=repeat)
         sec[f"{label}_s"], sec[f"{label}_times"] = stats["median_s"], stats["times_s"]
         return out.float()
 
@@ -271,13 +272,13 @@ def dit():
             log(f"dit {name} failed: {exc}")
         finally:
             A.disable_int8_self_attention(model)
-            bench.restore_modules(model, linears)
+            harness.restore_modules(model, linears)
             save()
     if "int8attn_s" in sec and left() > 20:
         A.enable_int8_self_attention(model, BEST.get("bf16_block", MODES["bf16_block"]))
         try:
             with torch.no_grad():
-                sec["breakdown_int8attn"] = bench.kernel_breakdown(lambda: model(**one))
+                sec["breakdown_int8attn"] = harness.kernel_breakdown(lambda: model(**one))
         finally:
             A.disable_int8_self_attention(model)
 

@@ -1,10 +1,6 @@
-"""``bench.py`` with one more section, ``attention8``: the 8-bit self-attention (``runtime.attention_int8``).
+"""The 8-bit self-attention (``runtime.attention_int8``): kernel rate and error, and the DiT with it.
 
-    PYTHONPATH=/tmp/site python benchmarks/bench_int8_attention.py --out-dir "$OUT" \\
-        --sections ceilings,forward,compile,compiled_extra,attention8,clip4
-
-Every ``bench.py`` option and section works as there (one JSON report, the same keys); the section
-``attention8`` runs after ``compiled_extra`` and measures, in the same process:
+Runs after ``compiled_extra`` and measures, in the same process:
 
 * the kernel at the DiT's shape (``[1, 33600, 40, 128]``, random q/k RMS-normed over the width):
   its rate in TOPS (``4 S^2 D H`` over the kernel's time; ``int8attn_op_tops`` with the quantisation
@@ -13,34 +9,28 @@ Every ``bench.py`` option and section works as there (one JSON report, the same 
   for cuDNN bf16; the fp8-P·V mode (measured, not offered) beside it;
 * the DiT forward (compiled and fused when ``compile`` ran, as the Engine runs it on CUDA) with the
   8-bit attention, alone and with the fp8 feed-forward (``--fp8``): median time and relative error
-  against the eager bf16 output (the issue's gate: 3e-2) and against the compiled bf16 output;
+  against the eager bf16 output (issue 18's gate: 3e-2) and against the compiled bf16 output;
 * ``forward_best_1spk_s`` / ``best_rel_err`` / ``best_combination``: the fastest of compiled bf16,
-  ``--fp8``, 8-bit attention and both whose error against eager bf16 is within the gate.
+  ``--fp8`` (from ``compiled_extra``), 8-bit attention and both, among those within the gate.
 
-When the 8-bit attention passes the gate it stays installed afterwards, as ``Engine.load`` installs
-it on Hopper, so a later ``clip4`` measures the production path (``attention8.left_installed``).
+The model is left with the bf16 attention; ``clip4``'s engine installs the 8-bit attention itself
+where ``EngineConfig.attention="auto"`` picks it (Hopper, bf16), as ``Engine.load`` does.
 ``--tiny-cpu`` runs the forward part on CPU with the PyTorch reference of the same quantisation.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import bench  # noqa: E402
+from builders import dit_inputs
+from harness import Bench, Skipped, ratio, rel_l2, restore_modules, sync
 
 GATE = 3e-2          # DiT output against the eager bf16 output, full size (issue 18)
 NAN = float("nan")
-KEYS = ("forward_int8attn_1spk_s", "int8attn_rel_err", "int8attn_kernel_tops", "forward_best_1spk_s",
-        "best_rel_err")
 
 
 def _qkv(tokens: int, heads: int, dim: int, temperature: float, seed: int):
@@ -55,9 +45,9 @@ def _qkv(tokens: int, heads: int, dim: int, temperature: float, seed: int):
     return (rms(randn()) * temperature).bfloat16(), rms(randn()).bfloat16(), randn().bfloat16()
 
 
-def kernel_figures(b: bench.Bench, sec: dict) -> None:
+def kernel_figures(b: Bench, sec: dict) -> None:
     """Rate against cuDNN bf16 in the same process, and errors against float64 attention."""
-    from ceilings import cuda_time
+    from ceilings import cuda_time  # benchmarks/ceilings.py
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from multitalk.runtime import attention_int8 as A
@@ -93,10 +83,10 @@ def kernel_figures(b: bench.Bench, sec: dict) -> None:
         q, k, v = _qkv(tokens, heads, dim, temperature, seed=22 + int(temperature))
         ref = torch.stack([A.exact_attention(q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1])[:, :, 0]
                            for h in chosen], dim=2)
-        errs = {"cudnn_bf16": bench.rel_l2(cudnn(q, k, v)[:, :, list(chosen)].float(), ref)}
+        errs = {"cudnn_bf16": rel_l2(cudnn(q, k, v)[:, :, list(chosen)].float(), ref)}
         for name, cfg in modes.items():
             out = A.int8_attention(q, k, v, *A.config_args(cfg))
-            errs[name] = bench.rel_l2(out[:, :, list(chosen)].float(), ref)
+            errs[name] = rel_l2(out[:, :, list(chosen)].float(), ref)
             errs[f"{name}_finite"] = bool(torch.isfinite(out).all())
         sec[f"err_{label}"] = errs
         del q, k, v, ref
@@ -106,7 +96,7 @@ def kernel_figures(b: bench.Bench, sec: dict) -> None:
     b.log(f"attention8 errors: random {sec['err_random']}, sharp {sec['err_sharp']}")
 
 
-def section_attention8(b: bench.Bench) -> None:
+def run(b: Bench) -> None:
     from multitalk.runtime import attention_int8 as A
     from multitalk.runtime.fp8 import ffn_fp8_filter, quantize_linears_fp8
 
@@ -115,19 +105,19 @@ def section_attention8(b: bench.Bench) -> None:
     if cuda:
         ok, why = A.availability(s.device)
         if not ok:
-            raise bench.Skipped(f"8-bit attention: {why}")
+            raise Skipped(f"8-bit attention: {why}")
         b.require(40, "attention8 kernel")
         kernel_figures(b, sec)
         b.report.save()
     model = b.get_dit()
-    one = bench.dit_inputs(s, 1)
+    one = dit_inputs(s, 1)
     if b.ref_out is None:                     # the gate's reference: eager bf16 (forward section)
-        raise bench.Skipped("attention8 forward: needs the forward section's eager output")
+        raise Skipped("attention8 forward: needs the forward section's eager output")
     compiled = "compile" in b.args.sections and b.compiled_ref is not None
     sec["model"] = "compiled + dit_fusion" if compiled else "eager"
     base = b.compiled_ref if compiled else b.ref_out
     base_s = b.report.data.get("forward_bf16_1spk_compiled_s" if compiled else "forward_bf16_1spk_s", NAN)
-    candidates = {"bf16": (base_s, bench.rel_l2(base, b.ref_out))}
+    candidates = {"bf16": (base_s, rel_l2(base, b.ref_out))}
     fp8_s, fp8_err = b.report.data.get("forward_fp8_1spk_s", NAN), b.report.data.get("fp8_rel_err_vs_eager", NAN)
     if compiled and fp8_s == fp8_s:
         candidates["fp8ffn"] = (fp8_s, fp8_err)
@@ -143,26 +133,26 @@ def section_attention8(b: bench.Bench) -> None:
             t0 = time.perf_counter()
             with torch.no_grad():
                 model(**one)                  # recompiles the block with the 8-bit attention
-            bench.sync(s.device)
+            sync(s.device)
             sec[f"{label}_first_call_s"] = time.perf_counter() - t0
             stats, out = b.timed_forward(model, one, f"forward {label} 1spk", warm=True)
-            err, err_base = bench.rel_l2(out.float(), b.ref_out), bench.rel_l2(out.float(), base)
+            err, err_base = rel_l2(out.float(), b.ref_out), rel_l2(out.float(), base)
             del out
             sec[label] = dict(stats, rel_err_vs_eager=err, rel_err_vs_bf16_same_path=err_base,
-                              over_bf16=bench._ratio(stats["median_s"], base_s), passes_gate=err <= GATE)
+                              over_bf16=ratio(stats["median_s"], base_s), passes_gate=err <= GATE)
             candidates[label] = (stats["median_s"], err)
             if label == "int8attn":
                 passed = err <= GATE
                 b.report.set(forward_int8attn_1spk_s=stats["median_s"], int8attn_rel_err=err,
                              int8attn_rel_err_vs_compiled=err_base,
-                             int8attn_over_compiled_bf16=bench._ratio(stats["median_s"], base_s))
+                             int8attn_over_compiled_bf16=ratio(stats["median_s"], base_s))
             else:
                 b.report.set(forward_int8attn_fp8_1spk_s=stats["median_s"], int8attn_fp8_rel_err=err)
             b.log(f"{label}: {stats['median_s']:.3f}s, rel err vs eager bf16 {err:.4f} (vs bf16 same path {err_base:.4f})")
-        except bench.Skipped as exc:
+        except Skipped as exc:
             sec[f"{label}_skipped"] = str(exc)
         finally:
-            bench.restore_modules(model, linears)
+            restore_modules(model, linears)
             A.disable_int8_self_attention(model)
             b.report.save()
     ok = {k: v for k, v in candidates.items() if v[0] == v[0] and v[1] <= GATE}
@@ -170,24 +160,4 @@ def section_attention8(b: bench.Bench) -> None:
         best = min(ok, key=lambda k: ok[k][0])
         b.report.set(forward_best_1spk_s=ok[best][0], best_rel_err=ok[best][1], best_combination=best)
     sec["candidates"] = {k: {"s": v[0], "rel_err_vs_eager": v[1]} for k, v in candidates.items()}
-    if passed:                                # as Engine.load on Hopper: later sections see it
-        A.enable_int8_self_attention(model, reference=not cuda)
-    sec["left_installed"] = passed
-
-
-def install() -> None:
-    """Register the section in ``bench`` (after ``compiled_extra``) and its keys in the headline."""
-    if "attention8" not in bench.SECTIONS:
-        i = bench.SECTIONS.index("compiled_extra") + 1
-        bench.SECTIONS = bench.SECTIONS[:i] + ("attention8",) + bench.SECTIONS[i:]
-    bench.SECTION_FUNCS["attention8"] = section_attention8
-    bench.HEADLINE_KEYS = tuple(dict.fromkeys(bench.HEADLINE_KEYS + KEYS))
-
-
-def main(argv: list[str] | None = None) -> int:
-    install()
-    return bench.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sec["passes_gate"] = passed
