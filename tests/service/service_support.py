@@ -4,6 +4,7 @@ loopback, a real moto S3 server, a webhook receiver, worker/API subprocesses.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -20,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))           # media_runner for in-process and subprocess workers
 
 TOKEN = "test-token-1"
-WEBHOOK_SECRET = "whsec-test"
+# a Standard Webhooks secret: whsec_ + base64 of 32 bytes
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"multitalk-test-webhook-secret-32").decode()
 RUNNER = "media_runner:MediaRunner"
 
 # short leases, quick polling, few quick retries: the whole suite stays fast
@@ -133,18 +135,22 @@ def job_body(image: str, audio1: str, audio2: str | None = None, **extra) -> dic
 
 # -- webhook receiver --------------------------------------------------------------------------
 class WebhookReceiver:
-    """Records POSTs; answers 500 to the first ``fail_first`` of them."""
+    """Records POSTs (with the time each arrived); answers 500 to the first ``fail_first`` of
+    them; sleeps ``sleep_s`` before answering (a slow receiver)."""
 
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, sleep_s: float = 0.0):
         self.calls: list[dict] = []
-        self.fail_first = fail_first
+        self.fail_first, self.sleep_s = fail_first, sleep_s
+        self.closing = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 outer.calls.append({"body": body, "headers": dict(self.headers),
-                                    "path": self.path})
+                                    "path": self.path, "at": time.time()})
+                if outer.sleep_s and outer.closing.wait(outer.sleep_s):
+                    return
                 code = 500 if len(outer.calls) <= outer.fail_first else 200
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
@@ -162,6 +168,7 @@ class WebhookReceiver:
         return json.loads(self.calls[i]["body"])
 
     def close(self):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -173,7 +180,8 @@ class Proc:
     def __init__(self, role: str, data_dir: Path, port: int | None = None,
                  runner_options: dict | None = None, env: dict | None = None, **overrides):
         settings = {**FAST, **overrides}
-        settings["api_tokens"] = ",".join(settings["api_tokens"])
+        settings = {k: ",".join(v) if isinstance(v, (tuple, list)) else v
+                    for k, v in settings.items()}
         cmd = [sys.executable, str(HERE / "run_service.py"), role, str(data_dir),
                json.dumps(settings), json.dumps(runner_options or {})]
         if port is not None:
@@ -201,3 +209,14 @@ class Proc:
                 self.p.kill()
                 self.p.wait(5)
         self.log.close()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample of a Prometheus exposition (0.0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
