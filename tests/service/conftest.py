@@ -147,8 +147,8 @@ def make_service(tmp_path, db_url):
 def webhook_receiver():
     made = []
 
-    def make(fail_first: int = 0, sleep_s: float = 0.0) -> WebhookReceiver:
-        r = WebhookReceiver(fail_first, sleep_s=sleep_s)
+    def make(fail_first: int = 0, sleep_s: float = 0.0, drip_s: float = 0.0) -> WebhookReceiver:
+        r = WebhookReceiver(fail_first, sleep_s=sleep_s, drip_s=drip_s)
         made.append(r)
         return r
 

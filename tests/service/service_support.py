@@ -75,7 +75,8 @@ class Moto:
 class Running:
     """A service (API + in-process worker) served by uvicorn in a thread on 127.0.0.1."""
 
-    def __init__(self, data_dir: Path, runner_options: dict | None = None, **overrides):
+    def __init__(self, data_dir: Path, runner_options: dict | None = None, *,
+                 in_process_worker: bool = True, token: str = TOKEN, **overrides):
         import uvicorn
 
         from multitalk.service.cli_commands import Service
@@ -83,7 +84,8 @@ class Running:
 
         cfg = ServiceConfig(data_dir=data_dir).with_overrides(**{**FAST, **overrides})
         self.config = cfg
-        self.service = Service(cfg, RUNNER, runner_options=runner_options or {})
+        self.service = Service(cfg, RUNNER, runner_options=runner_options or {},
+                               in_process_worker=in_process_worker)
         self.runner = self.service.worker.runner if self.service.worker else None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -92,13 +94,19 @@ class Running:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_for(lambda: self.server.started, 10, "uvicorn start")
-        headers = {"Authorization": f"Bearer {TOKEN}"} if cfg.api_tokens else {}
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        self.client = self.client_for(token if cfg.authenticated else None)
         self.service.start_worker()
 
-    def upload(self, path: Path) -> str:
+    def client_for(self, token: str | None) -> httpx.Client:
+        """A client of this server with ``token`` (closed with the server)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        client = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        self._clients = [*getattr(self, "_clients", []), client]
+        return client
+
+    def upload(self, path: Path, client: httpx.Client | None = None) -> str:
         with open(path, "rb") as f:
-            r = self.client.post("/v1/files", files={"file": (path.name, f)})
+            r = (client or self.client).post("/v1/files", files={"file": (path.name, f)})
         assert r.status_code == 201, r.text
         return r.json()["uri"]
 
@@ -118,7 +126,8 @@ class Running:
                         f"job {job_id} to reach {statuses}")
 
     def close(self):
-        self.client.close()
+        for client in self._clients:
+            client.close()
         self.server.should_exit = True
         self.thread.join(10)
         self.service.stop(timeout=15)
@@ -136,11 +145,12 @@ def job_body(image: str, audio1: str, audio2: str | None = None, **extra) -> dic
 # -- webhook receiver --------------------------------------------------------------------------
 class WebhookReceiver:
     """Records POSTs (with the time each arrived); answers 500 to the first ``fail_first`` of
-    them; sleeps ``sleep_s`` before answering (a slow receiver)."""
+    them; sleeps ``sleep_s`` before answering (a slow receiver); with ``drip_s`` answers 200 at
+    once and then sends its body one byte a second for that long."""
 
-    def __init__(self, fail_first: int = 0, sleep_s: float = 0.0):
+    def __init__(self, fail_first: int = 0, sleep_s: float = 0.0, drip_s: float = 0.0):
         self.calls: list[dict] = []
-        self.fail_first, self.sleep_s = fail_first, sleep_s
+        self.fail_first, self.sleep_s, self.drip_s = fail_first, sleep_s, drip_s
         self.closing = threading.Event()
         outer = self
 
@@ -153,8 +163,16 @@ class WebhookReceiver:
                     return
                 code = 500 if len(outer.calls) <= outer.fail_first else 200
                 self.send_response(code)
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(int(outer.drip_s)))
                 self.end_headers()
+                for _ in range(int(outer.drip_s)):
+                    try:
+                        self.wfile.write(b".")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    if outer.closing.wait(1.0):
+                        return
 
             def log_message(self, *a):
                 pass

@@ -42,7 +42,7 @@ from .store import JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-LEASE_MARGIN_S = 30.0     # a row leased by a process that died is retried after deadline + this
+LEASE_MARGIN_S = 5.0      # a row leased by a process that died is due again after 2 deadlines + this
 
 
 class WebhookDispatcher:
@@ -95,7 +95,7 @@ class WebhookDispatcher:
     async def _main(self) -> None:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         in_flight: set[asyncio.Task] = set()
-        lease_s = self.config.webhook_timeout_s + LEASE_MARGIN_S
+        lease_s = 2 * self.config.webhook_timeout_s + LEASE_MARGIN_S
         async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
             while not self._stop.is_set():
                 free = self.config.webhook_concurrency - len(in_flight)
