@@ -140,8 +140,8 @@ def create_app(config: ServiceConfig, *, store: JobStore | None = None,
     def submit(body: JobRequest, request: Request, caller: Caller,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> dict:
         for field, uri in body.media().items():
-            check_upload(field, uri, caller)
             storage.check_input(field, uri)
+            check_upload(field, uri, caller)
         if body.output:
             storage.check_output("output", body.output)
         if body.webhook_url:
