@@ -1,46 +1,61 @@
-"""Service settings: one dataclass, filled from ``MULTITALK_*`` environment variables.
+"""Service settings: one pydantic-settings class, filled from ``MULTITALK_*`` environment variables.
 
-Every knob has a safe default; :meth:`ServiceConfig.from_env` reads the environment and keyword
-overrides win over it (the CLI passes its options as overrides).
+Every knob has a safe default. ``ServiceConfig()`` reads ``MULTITALK_<FIELD>`` for every field
+(``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for ``s3_endpoint_url`` when its own variable is
+unset); keyword arguments win over the environment (the CLI passes its options that way), and
+:meth:`ServiceConfig.with_overrides` returns a re-validated copy. A value that does not parse is
+a :class:`UserInputError` naming the variable.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from multitalk.errors import UserInputError
 
-
-def _bool(text: str) -> bool:
-    return text.strip().lower() in {"1", "true", "yes", "on"}
+ENV_PREFIX = "MULTITALK_"
 
 
-@dataclass(frozen=True)
-class ServiceConfig:
+class ServiceConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore",
+                                      populate_by_name=True, validate_default=True)
+
     data_dir: Path = Path("multitalk-data")
-    api_tokens: tuple[str, ...] = ()          # empty: unauthenticated, loopback only
+    # empty: unauthenticated, loopback only
+    api_tokens: Annotated[tuple[str, ...], NoDecode] = ()
     webhook_secret: str = ""                  # HMAC key of X-MultiTalk-Signature
     output_prefix: str = ""                   # default output URI prefix; "" -> data_dir/outputs
     public_url: str = ""                      # base URL in download links; "" -> the request's
     allow_private_urls: bool = False          # permit loopback/private/link-local URLs (tests only)
     allow_local_paths: bool = False           # permit server-local input/output paths
-    max_upload_bytes: int = 200 * 1024 * 1024
-    max_download_bytes: int = 500 * 1024 * 1024
-    download_timeout_s: float = 60.0
-    s3_endpoint_url: str | None = None        # S3-compatible stores (AWS_ENDPOINT_URL)
-    presign_expiry_s: int = 3600
-    lease_s: float = 60.0                     # a job whose lease is not renewed is re-queued
-    heartbeat_s: float = 10.0
-    max_attempts: int = 3                     # leases per job before "worker lost"
-    poll_interval_s: float = 0.5              # idle worker sleep between queue polls
-    upload_retries: int = 4
-    upload_backoff_s: float = 1.0
-    webhook_retries: int = 5
-    webhook_backoff_s: float = 1.0
-    webhook_timeout_s: float = 10.0
+    max_upload_bytes: int = Field(200 * 1024 * 1024, ge=0)
+    max_download_bytes: int = Field(500 * 1024 * 1024, ge=0)
+    download_timeout_s: float = Field(60.0, gt=0)
+    s3_endpoint_url: str | None = Field(None, validation_alias=AliasChoices(
+        "s3_endpoint_url", f"{ENV_PREFIX}S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL"))                  # S3-compatible stores
+    presign_expiry_s: int = Field(3600, gt=0)
+    lease_s: float = Field(60.0, gt=0)        # a job whose lease is not renewed is re-queued
+    heartbeat_s: float = Field(10.0, gt=0)
+    max_attempts: int = Field(3, ge=1)        # leases per job before "worker lost"
+    poll_interval_s: float = Field(0.5, gt=0)  # idle worker sleep between queue polls
+    upload_retries: int = Field(4, ge=0)
+    upload_backoff_s: float = Field(1.0, ge=0)
+    webhook_retries: int = Field(5, ge=0)
+    webhook_backoff_s: float = Field(1.0, ge=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
     keep_workdirs: bool = False               # keep each job's working folder after success
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value):
+        if isinstance(value, str):
+            return tuple(t.strip() for t in value.split(",") if t.strip())
+        return value
 
     @property
     def db_path(self) -> Path:
@@ -63,48 +78,29 @@ class ServiceConfig:
         return bool(self.api_tokens)
 
     def with_overrides(self, **overrides) -> "ServiceConfig":
+        """A validated copy with ``overrides`` applied (None values are ignored)."""
         values = {k: v for k, v in overrides.items() if v is not None}
-        if isinstance(values.get("api_tokens"), str):
-            values["api_tokens"] = _tokens(values["api_tokens"])
-        if "data_dir" in values:
-            values["data_dir"] = Path(values["data_dir"])
-        return replace(self, **values)
+        unknown = set(values) - set(type(self).model_fields)
+        if unknown:
+            raise TypeError(f"unknown service settings: {sorted(unknown)}")
+        return _build(type(self), {**self.model_dump(), **values})
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "ServiceConfig":
+    def from_env(cls, **overrides) -> "ServiceConfig":
         """Defaults, then ``MULTITALK_<FIELD>`` variables, then ``overrides`` (None is ignored)."""
-        env = dict(os.environ if env is None else env)
-        values: dict = {}
-        for f in fields(cls):
-            raw = env.get(f"MULTITALK_{f.name.upper()}")
-            if raw is None:
-                continue
-            values[f.name] = _parse(f.name, f.type, raw)
-        if "s3_endpoint_url" not in values:
-            values["s3_endpoint_url"] = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-        return cls(**values).with_overrides(**overrides)
+        return _build(cls, {k: v for k, v in overrides.items() if v is not None})
 
 
-def _tokens(raw: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in raw.split(",") if t.strip())
-
-
-def _parse(name: str, type_: str, raw: str):
+def _build(cls: type[ServiceConfig], values: dict) -> ServiceConfig:
     try:
-        if name == "api_tokens":
-            return _tokens(raw)
-        if type_ == "bool":
-            return _bool(raw)
-        if type_ == "int":
-            return int(raw)
-        if type_ == "float":
-            return float(raw)
-        if type_ == "Path":
-            return Path(raw)
-        return raw
-    except ValueError:
-        raise UserInputError(f"MULTITALK_{name.upper()}", f"cannot parse {raw!r} as {type_}",
-                             "fix the environment variable") from None
+        return cls(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "settings"
+        if not name.isupper():
+            name = f"{ENV_PREFIX}{name.upper()}"
+        raise UserInputError(name, err["msg"], "fix the environment variable or option"
+                             ) from None
 
 
 __all__ = ["ServiceConfig"]

@@ -1,0 +1,45 @@
+"""Service settings from MULTITALK_* variables (pydantic-settings): names, parsing, precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from multitalk.errors import UserInputError
+from multitalk.service.config import ServiceConfig
+
+
+def test_environment_variables_parse_and_overrides_win(monkeypatch):
+    monkeypatch.setenv("MULTITALK_DATA_DIR", "/srv/multitalk")
+    monkeypatch.setenv("MULTITALK_API_TOKENS", " tok1, tok2 ,")
+    monkeypatch.setenv("MULTITALK_LEASE_S", "12.5")
+    monkeypatch.setenv("MULTITALK_MAX_ATTEMPTS", "7")
+    monkeypatch.setenv("MULTITALK_ALLOW_LOCAL_PATHS", "yes")
+    monkeypatch.setenv("MULTITALK_KEEP_WORKDIRS", "0")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    cfg = ServiceConfig.from_env()
+    assert cfg.data_dir == Path("/srv/multitalk") and cfg.db_path.parent == Path("/srv/multitalk")
+    assert cfg.api_tokens == ("tok1", "tok2") and cfg.authenticated
+    assert (cfg.lease_s, cfg.max_attempts) == (12.5, 7)
+    assert cfg.allow_local_paths is True and cfg.keep_workdirs is False
+    assert cfg.s3_endpoint_url == "http://minio:9000"           # the AWS variable as fallback
+    monkeypatch.setenv("MULTITALK_S3_ENDPOINT_URL", "http://own:9000")
+    assert ServiceConfig.from_env().s3_endpoint_url == "http://own:9000"
+
+    cfg = ServiceConfig.from_env(lease_s=3, data_dir=None)     # None: keep the environment's
+    assert cfg.lease_s == 3.0 and cfg.data_dir == Path("/srv/multitalk")
+    copy = cfg.with_overrides(api_tokens="a,b", heartbeat_s=1)
+    assert copy.api_tokens == ("a", "b") and copy.heartbeat_s == 1.0 and copy.lease_s == 3.0
+    with pytest.raises(TypeError, match="unknown"):
+        cfg.with_overrides(no_such_setting=1)
+
+
+@pytest.mark.parametrize("name, raw", [("MULTITALK_LEASE_S", "soon"),
+                                       ("MULTITALK_MAX_ATTEMPTS", "0"),
+                                       ("MULTITALK_ALLOW_PRIVATE_URLS", "perhaps")])
+def test_a_bad_variable_is_a_user_error_naming_it(monkeypatch, name, raw):
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(UserInputError) as e:
+        ServiceConfig.from_env()
+    assert e.value.field == name
