@@ -15,14 +15,16 @@ def test_environment_variables_parse_and_overrides_win(monkeypatch):
     monkeypatch.setenv("MULTITALK_API_TOKENS", " tok1, tok2 ,")
     monkeypatch.setenv("MULTITALK_LEASE_S", "12.5")
     monkeypatch.setenv("MULTITALK_MAX_ATTEMPTS", "7")
-    monkeypatch.setenv("MULTITALK_ALLOW_LOCAL_PATHS", "yes")
+    monkeypatch.setenv("MULTITALK_LOCAL_ROOT", "/srv/media")
+    monkeypatch.setenv("MULTITALK_S3_ALLOW", "inputs, outputs/multitalk ,")
     monkeypatch.setenv("MULTITALK_KEEP_WORKDIRS", "0")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     cfg = ServiceConfig.from_env()
     assert cfg.data_dir == Path("/srv/multitalk") and cfg.db_path.parent == Path("/srv/multitalk")
     assert cfg.api_tokens == ("tok1", "tok2") and cfg.authenticated
     assert (cfg.lease_s, cfg.max_attempts) == (12.5, 7)
-    assert cfg.allow_local_paths is True and cfg.keep_workdirs is False
+    assert cfg.local_root == Path("/srv/media") and cfg.keep_workdirs is False
+    assert cfg.s3_allow == ("inputs", "outputs/multitalk")
     assert cfg.s3_endpoint_url == "http://minio:9000"           # the AWS variable as fallback
     monkeypatch.setenv("MULTITALK_S3_ENDPOINT_URL", "http://own:9000")
     assert ServiceConfig.from_env().s3_endpoint_url == "http://own:9000"

@@ -16,7 +16,7 @@ import httpx
 
 from multitalk.errors import UserInputError
 
-from .storage import check_public_url
+from .outbound import stream
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,10 @@ def deliver(url: str, payload: dict, *, secret: str, retries: int = 5, backoff_s
     for attempt in range(retries + 1):
         record["attempts"] = attempt + 1
         try:
-            check_public_url("webhook_url", url, allow_private=allow_private)
-            r = httpx.post(url, content=body, headers=headers, timeout=timeout_s,
-                           follow_redirects=False)
-            record["status_code"] = r.status_code
+            # resolved once, refused if not public, connected to the vetted IP (outbound.py)
+            with stream("POST", url, field="webhook_url", allow_private=allow_private,
+                        timeout=timeout_s, content=body, headers=headers) as r:
+                record["status_code"] = r.status_code
             if 200 <= r.status_code < 300:
                 record.update(delivered=True, error=None, at=time.time())
                 return record
