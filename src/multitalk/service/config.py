@@ -55,6 +55,7 @@ class ServiceConfig(BaseSettings):
     s3_allow: Annotated[tuple[str, ...], NoDecode] = ()
     local_root: Path | None = None            # server-local paths allowed only under this folder
     download_retries: int = Field(2, ge=0)    # transient download failures retried (tenacity)
+    probe_timeout_s: float = Field(5.0, gt=0)  # S3 existence check at submission; then deferred
     max_body_bytes: int = Field(1024 * 1024, ge=1024)   # request bodies other than uploads
     limit_frames: int = Field(1000, ge=5)     # frame_num, and frames of a streaming job
     limit_audio_s: float = Field(300.0, gt=0)  # speech length (both speakers in 'add' mode)

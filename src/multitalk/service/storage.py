@@ -19,6 +19,7 @@ answers do not tell what exists there. Transfer failures raise :class:`StorageEr
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import re
 import shutil
@@ -45,7 +46,9 @@ _OUTPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _CHUNK = 1 << 20
 _MAX_REDIRECTS = 3
-_PROBE_TIMEOUT_S = 5.0       # the existence check at submission: a slow store is not waited for
+# existence checks at submission run here with a hard time bound (s3fs retries on its own, so
+# its timeouts alone do not bound a call); a store that does not answer in time is left to the worker
+_PROBES = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-probe")
 
 
 class StorageError(Exception):
@@ -100,8 +103,9 @@ class Storage:
         """The s3fs filesystem (credentials from the usual AWS variables); ``probe``: short
         timeouts and no retries, for checks made while a client waits."""
         if probe:
+            t = self.config.probe_timeout_s
             cfg = {"retries": {"max_attempts": 1, "mode": "standard"},
-                   "connect_timeout": _PROBE_TIMEOUT_S, "read_timeout": _PROBE_TIMEOUT_S}
+                   "connect_timeout": t, "read_timeout": t}
         else:
             cfg = {"retries": {"max_attempts": 2, "mode": "standard"},
                    "connect_timeout": 5, "read_timeout": 60}
@@ -214,12 +218,14 @@ class Storage:
         elif loc.kind == "s3":
             if not self.s3_in_scope(loc.bucket, loc.key):
                 raise _not_readable(field, loc.uri)
+            probe = _PROBES.submit(self.s3(probe=True).isfile, f"{loc.bucket}/{loc.key}")
             try:
-                exists = self.s3(probe=True).isfile(f"{loc.bucket}/{loc.key}")
+                exists = probe.result(timeout=self.config.probe_timeout_s)
             except (FileNotFoundError, PermissionError):
                 exists = False
             except Exception as e:  # noqa: BLE001 - store slow or down: the worker checks again
-                log.warning("cannot check %s now (%s); the worker will retry", loc.uri, e)
+                log.warning("cannot check %s now (%s); the worker will check it",
+                            loc.uri, type(e).__name__)
                 return
             if not exists:
                 raise _not_readable(field, loc.uri)
