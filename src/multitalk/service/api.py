@@ -158,19 +158,36 @@ def create_app(config: ServiceConfig, *, store: JobStore | None = None,
 
 def _check_request(body: JobRequest, storage: Storage, config: ServiceConfig) -> None:
     """Every check of a submission that needs no GPU: canonical URIs (stored that way), scope,
-    existence, public addresses, bounds. Mutates ``body`` to its canonical form."""
-    for field, uri in body.media().items():
-        storage.check_input(field, uri)
-    body.set_media({field: storage.canonical(field, uri) for field, uri in body.media().items()})
+    existence, public addresses, bounds. Mutates ``body`` to its canonical form; all problems
+    are answered together (InputProblems)."""
+    errors: list[UserInputError] = []
+
+    def check(fn, *args):
+        try:
+            return fn(*args)
+        except UserInputError as e:
+            errors.append(e)
+
+    media = body.media()
+    for field, uri in media.items():
+        before = len(errors)
+        check(storage.check_input, field, uri)
+        if len(errors) == before:
+            media[field] = storage.canonical(field, uri)
+    body.set_media(media)
     if body.output:
-        body.output = storage.check_output("output", body.output)
+        body.output = check(storage.check_output, "output", body.output) or body.output
     if body.webhook_url:
-        vet("webhook_url", body.webhook_url, allow_private=config.allow_private_urls)
-    check_params(body.params, config)
-    local_audio = {f: storage.local_input(f, uri) for f, uri in body.media().items()
-                   if f.startswith("cond_audio.")}
-    if all(local_audio.values()):          # uploads and local files: bounded before queueing
-        check_audio(local_audio, body.audio_type, config)
+        check(lambda: vet("webhook_url", body.webhook_url,
+                          allow_private=config.allow_private_urls))
+    check(check_params, body.params, config)
+    if not errors:                          # uploads and local files: bounded before queueing
+        local_audio = {f: storage.local_input(f, uri) for f, uri in media.items()
+                       if f.startswith("cond_audio.")}
+        if all(local_audio.values()):
+            check(check_audio, local_audio, body.audio_type, config)
+    if errors:
+        raise problems.InputProblems(errors)
 
 
 def _install_safety(app: FastAPI, config: ServiceConfig, authorize) -> None:
@@ -183,6 +200,7 @@ def _install_safety(app: FastAPI, config: ServiceConfig, authorize) -> None:
     app.add_middleware(BodyLimit, limit_for=limit_for)
     app.add_exception_handler(RequestValidationError, problems.on_request_validation)
     app.add_exception_handler(UserInputError, problems.on_user_input)
+    app.add_exception_handler(problems.InputProblems, problems.on_input_problems)
     if config.docs == "off":
         return
     docs_auth = [Depends(authorize)] if config.docs == "token" else []

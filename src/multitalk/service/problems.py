@@ -25,6 +25,14 @@ _FIXES = {
     "webhook_url": "use a publicly reachable https:// URL",
 }
 _DEFAULT_FIX = "see the request schema at /openapi.json"
+
+
+class InputProblems(Exception):
+    """Several :class:`UserInputError` s of one request, answered together (one 422 entry each)."""
+
+    def __init__(self, errors: list[UserInputError]):
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
 _PREFIXES = ("Value error, ", "Assertion failed, ")
 
 
@@ -67,3 +75,8 @@ async def on_request_validation(request: Request, exc: RequestValidationError) -
 
 async def on_user_input(request: Request, exc: UserInputError) -> JSONResponse:
     return JSONResponse(status_code=422, content=user_problem(exc))
+
+
+async def on_input_problems(request: Request, exc: InputProblems) -> JSONResponse:
+    return JSONResponse(status_code=422, content={
+        "detail": [user_problem(e)["detail"][0] for e in exc.errors]})
