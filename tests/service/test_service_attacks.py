@@ -120,7 +120,7 @@ def test_docs_and_openapi_access_is_a_setting(make_service, docs, anonymous, wit
         assert svc.client.get(path).status_code == with_token, path
 
 
-def test_s3_existence_check_does_not_block_the_server(make_service, media):
+def test_s3_existence_check_does_not_block_the_server(make_service, media, aws_env):
     """An S3 endpoint that accepts connections and never answers: the submission is accepted
     after the probe bound (the worker checks again) and the server keeps answering meanwhile."""
     hang = socket.socket()
@@ -129,7 +129,8 @@ def test_s3_existence_check_does_not_block_the_server(make_service, media):
     endpoint = f"http://127.0.0.1:{hang.getsockname()[1]}"
     try:
         svc = make_service(s3_endpoint_url=endpoint, probe_timeout_s=1.0)
-        image = svc.upload(media["image"])
+        image, audio = svc.upload(media["image"]), svc.upload(media["audio1"])
+        busy = svc.submit(job_body(image, audio, prompt="[steps=100] [step_s=0.1]"))
         result = {}
 
         def submit():
@@ -146,5 +147,7 @@ def test_s3_existence_check_does_not_block_the_server(make_service, media):
         assert time.monotonic() - t0 < 0.5
         t.join(10)
         assert result["r"].status_code == 202 and result["s"] < 3
+        for job_id in (result["r"].json()["id"], busy["id"]):   # the worker never dials it
+            svc.client.post(f"/v1/jobs/{job_id}/cancel")
     finally:
         hang.close()

@@ -63,6 +63,8 @@ def test_bad_request_shapes_are_422(svc, uploaded):
     ("http://169.254.169.254/latest/meta-data/", "non-public"),
     ("http://10.0.0.8/voice.wav", "non-public"),
     ("http://[::1]/voice.wav", "non-public"),
+    ("http://[2002:7f00:1::1]/voice.wav", "wrapped in 2002:7f00:1::1"),        # 6to4
+    ("http://[64:ff9b::a9fe:a9fe]/voice.wav", "wrapped in 64:ff9b::a9fe:a9fe"),  # NAT64
     ("file:///etc/passwd", "server-local paths are not allowed"),
     ("/etc/passwd", "server-local paths are not allowed"),
     ("ftp://example.com/voice.wav", "unsupported URI"),
@@ -70,6 +72,7 @@ def test_bad_request_shapes_are_422(svc, uploaded):
     ("s3://bucket/a/./b.wav", "traversal"),
     ("upload://../../jobs.sqlite3", "not an upload URI"),
     ("upload://0123456789abcdef0123456789abcdef.wav", "does not exist"),
+    ("s3://inputs/x//y.wav", "empty segment"),
 ])
 def test_unsafe_or_unknown_media_uris_are_refused(svc, uploaded, uri, words):
     image, _ = uploaded

@@ -218,7 +218,7 @@ class Storage:
         elif loc.kind == "s3":
             if not self.s3_in_scope(loc.bucket, loc.key):
                 raise _not_readable(field, loc.uri)
-            probe = _PROBES.submit(self.s3(probe=True).isfile, f"{loc.bucket}/{loc.key}")
+            probe = _PROBES.submit(lambda: self.s3(probe=True).isfile(f"{loc.bucket}/{loc.key}"))
             try:
                 exists = probe.result(timeout=self.config.probe_timeout_s)
             except (FileNotFoundError, PermissionError):
