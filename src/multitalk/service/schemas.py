@@ -114,6 +114,7 @@ class JobResult(BaseModel):
 
 class Job(BaseModel):
     id: str
+    owner: str | None = Field(None, description="the tenant (token name) the job belongs to")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: float = 0.0
     stage: str | None = None
@@ -127,7 +128,11 @@ class Job(BaseModel):
     cancel_requested: bool = False
     error: JobError | None = None
     result: JobResult | None = None
-    webhook: dict | None = None
+    output_deleted_at: float | None = Field(
+        None, description="when retention deleted the video (the job stays)")
+    webhook: dict | None = Field(
+        None, description="delivery state: id (webhook-id), url, event, state (pending, "
+                          "delivered, failed), attempts, status_code, error, next_attempt_at")
     request: dict | None = None
 
 

@@ -59,7 +59,7 @@ class TooLarge(Exception):
     """More bytes than allowed."""
 
 
-def _not_readable(field: str, uri: str) -> UserInputError:
+def not_readable(field: str, uri: str) -> UserInputError:
     """The one answer for "missing" and "outside this server's scope" (no existence oracle)."""
     return UserInputError(field, f"{uri} does not exist or this server may not read it",
                           "check the location; this server reads only uploads, public URLs and "
@@ -191,7 +191,7 @@ class Storage:
         root = self._local_root()
         resolved = loc.path.resolve()          # symlinks resolved before the root check
         if root is None or not _under(resolved, root) or not resolved.is_file():
-            raise _not_readable(field, loc.uri)
+            raise not_readable(field, loc.uri)
         return resolved
 
     def _writable_local(self, loc: Location) -> Path:
@@ -214,10 +214,10 @@ class Storage:
         loc = self.locate(field, uri)
         if loc.kind in ("upload", "output"):
             if loc.kind == "output" or not loc.path.is_file():
-                raise _not_readable(field, loc.uri)
+                raise not_readable(field, loc.uri)
         elif loc.kind == "s3":
             if not self.s3_in_scope(loc.bucket, loc.key):
-                raise _not_readable(field, loc.uri)
+                raise not_readable(field, loc.uri)
             probe = _PROBES.submit(lambda: self.s3(probe=True).isfile(f"{loc.bucket}/{loc.key}"))
             try:
                 exists = probe.result(timeout=self.config.probe_timeout_s)
@@ -228,7 +228,7 @@ class Storage:
                             loc.uri, type(e).__name__)
                 return
             if not exists:
-                raise _not_readable(field, loc.uri)
+                raise not_readable(field, loc.uri)
         elif loc.kind == "http":
             vet(field, loc.uri, allow_private=self.config.allow_private_urls)
         elif loc.kind == "local":
@@ -288,7 +288,7 @@ class Storage:
         limit = self.config.max_download_bytes
         if loc.kind in ("upload", "output"):
             if loc.kind == "output" or not loc.path.is_file():
-                raise _not_readable(field, loc.uri)
+                raise not_readable(field, loc.uri)
             return loc.path   # already local; read-only use
         if loc.kind == "local":
             return self._readable_local(field, loc)
@@ -316,13 +316,13 @@ class Storage:
 
     def _read_s3(self, field: str, loc: Location, dest: Path, limit: int) -> None:
         if not self.s3_in_scope(loc.bucket, loc.key):
-            raise _not_readable(field, loc.uri)
+            raise not_readable(field, loc.uri)
         fs = self.s3()
         path = f"{loc.bucket}/{loc.key}"
         try:
             size = fs.size(path)
         except (FileNotFoundError, PermissionError):
-            raise _not_readable(field, loc.uri) from None
+            raise not_readable(field, loc.uri) from None
         if size > limit:
             raise UserInputError(field, f"{loc.uri} is {size} bytes (limit {limit})",
                                  "use a smaller file")
