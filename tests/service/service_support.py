@@ -33,7 +33,7 @@ RUNNER = "media_runner:MediaRunner"
 FAST = dict(lease_s=1.5, heartbeat_s=0.25, poll_interval_s=0.05, max_attempts=3,
             upload_retries=2, upload_backoff_s=0.05, webhook_retries=2, webhook_backoff_s=0.05,
             webhook_timeout_s=2.0, download_timeout_s=5.0, api_tokens=(TOKEN,),
-            webhook_secret=WEBHOOK_SECRET)
+            webhook_secret=WEBHOOK_SECRET, s3_allow=("inputs", "outputs"))
 
 
 def free_port() -> int:

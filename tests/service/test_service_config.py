@@ -19,7 +19,8 @@ def test_environment_variables_parse_and_overrides_win(monkeypatch):
     monkeypatch.setenv("MULTITALK_DB", "postgresql://u:secret@db:5432/multitalk")
     monkeypatch.setenv("MULTITALK_LEASE_S", "12.5")
     monkeypatch.setenv("MULTITALK_MAX_ATTEMPTS", "7")
-    monkeypatch.setenv("MULTITALK_ALLOW_LOCAL_PATHS", "yes")
+    monkeypatch.setenv("MULTITALK_LOCAL_ROOT", "/srv/media")
+    monkeypatch.setenv("MULTITALK_S3_ALLOW", "inputs, outputs/multitalk ,")
     monkeypatch.setenv("MULTITALK_KEEP_WORKDIRS", "0")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     cfg = ServiceConfig.from_env()
@@ -31,7 +32,8 @@ def test_environment_variables_parse_and_overrides_win(monkeypatch):
     assert (cfg.quota_for("alice"), cfg.quota_for("bob")) == (2, 4)
     assert cfg.db_url == "postgresql://u:secret@db:5432/multitalk"
     assert (cfg.lease_s, cfg.max_attempts) == (12.5, 7)
-    assert cfg.allow_local_paths is True and cfg.keep_workdirs is False
+    assert cfg.local_root == Path("/srv/media") and cfg.keep_workdirs is False
+    assert cfg.s3_allow == ("inputs", "outputs/multitalk")
     assert cfg.s3_endpoint_url == "http://minio:9000"           # the AWS variable as fallback
     monkeypatch.setenv("MULTITALK_S3_ENDPOINT_URL", "http://own:9000")
     assert ServiceConfig.from_env().s3_endpoint_url == "http://own:9000"

@@ -80,10 +80,15 @@ def test_out_of_memory_fails_job_with_hint_and_worker_keeps_serving(make_service
     assert after - before == 1
 
 
-def test_undecodable_audio_fails_with_bad_input(make_service, media):
-    svc = make_service()
+def test_undecodable_audio_is_refused_at_submission_or_fails_with_bad_input(make_service, media,
+                                                                            moto):
+    svc = make_service(s3_endpoint_url=moto.endpoint)
     image, bad = svc.upload(media["image"]), svc.upload(media["bad_audio"])
-    job = svc.submit(job_body(image, bad))
+    r = svc.client.post("/v1/jobs", json=job_body(image, bad))     # an upload is probed at once
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "cond_audio",
+                                                                     "person1"]
+    moto.fs().put_file(str(media["bad_audio"]), "inputs/bad.wav")   # known after the download
+    job = svc.submit(job_body(image, "s3://inputs/bad.wav"))
     done = svc.wait_status(job["id"], {"succeeded", "failed"})
     assert done["status"] == "failed"
     assert done["error"]["code"] == "bad_input"

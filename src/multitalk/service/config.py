@@ -13,7 +13,7 @@ import base64
 import binascii
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -47,7 +47,6 @@ class ServiceConfig(BaseSettings):
     output_prefix: str = ""                   # default output URI prefix; "" -> data_dir/outputs
     public_url: str = ""                      # base URL in download links; "" -> the request's
     allow_private_urls: bool = False          # permit loopback/private/link-local URLs (tests only)
-    allow_local_paths: bool = False           # permit server-local input/output paths
     max_upload_bytes: int = Field(200 * 1024 * 1024, ge=0)
     max_download_bytes: int = Field(500 * 1024 * 1024, ge=0)
     download_timeout_s: float = Field(60.0, gt=0)
@@ -76,7 +75,22 @@ class ServiceConfig(BaseSettings):
     # wins when set)
     metrics_dir: str = ""
 
-    @field_validator("api_tokens", "admin_tokens", "queue_quotas", mode="before")
+    # -- what a request may reach and how big a job may be (README "Security model", "Limits")
+    # S3 locations jobs may read and write: "bucket" or "bucket/prefix", comma-separated; "*" is
+    # any bucket; empty: only the s3:// output_prefix (no S3 at all without one)
+    s3_allow: Annotated[tuple[str, ...], NoDecode] = ()
+    local_root: Path | None = None            # server-local paths allowed only under this folder
+    download_retries: int = Field(2, ge=0)    # transient download failures retried (tenacity)
+    probe_timeout_s: float = Field(5.0, gt=0)  # S3 existence check at submission; then deferred
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)   # request bodies other than uploads
+    limit_frames: int = Field(1000, ge=5)     # frame_num, and frames of a streaming job
+    limit_audio_s: float = Field(300.0, gt=0)  # speech length (both speakers in 'add' mode)
+    limit_resolution: int = Field(720, ge=120)  # largest size: 720, 480 (120: preview only)
+    limit_steps: int = Field(100, ge=1)       # sample_steps
+    job_deadline_s: float = Field(3600.0, gt=0)  # a job running longer fails with 'timeout'
+    docs: Literal["public", "token", "off"] = "token"   # /docs, /openapi.json access
+
+    @field_validator("api_tokens", "admin_tokens", "queue_quotas", "s3_allow", mode="before")
     @classmethod
     def _split_csv(cls, value):
         if isinstance(value, str):

@@ -17,7 +17,7 @@ PERSONS = ("person1", "person2")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)   # NaN/Infinity: 422
 
 
 # Every generation option, validated exactly as the CLI validates it (one definition).
@@ -73,6 +73,21 @@ class JobRequest(_Strict):
         if self.cond_audio.person2 is not None:
             out["cond_audio.person2"] = self.cond_audio.person2
         return out
+
+    def set_media(self, uris: dict[str, str]) -> None:
+        """Replace input URIs (field path -> URI, as :meth:`media` names them)."""
+        for field, uri in uris.items():
+            if field == "cond_image":
+                self.cond_image = uri
+            else:
+                setattr(self.cond_audio, field.split(".", 1)[1], uri)
+
+    def identity(self, payload: dict) -> dict:
+        """What an Idempotency-Key is compared on: the dumped request, with a drawn random
+        seed put back to -1 (a retry of a ``seed: -1`` body is the same request)."""
+        if self.params.seed_drawn:
+            payload = {**payload, "params": {**payload["params"], "seed": -1}}
+        return payload
 
 
 class Fraction(BaseModel):

@@ -37,7 +37,8 @@ from .config import ServiceConfig
 from .links import download_url
 from .metrics import Metrics
 from .schemas import job_document
-from .storage import Storage, check_public_url
+from .outbound import AsyncPinnedTransport, vet
+from .storage import Storage
 from .store import JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -172,16 +173,18 @@ class WebhookDispatcher:
     async def _post(self, client: httpx.AsyncClient, url: str, msg_id: str, data: bytes) -> int:
         """One attempt: the status code, within the total deadline; the body is never read.
 
-        Outbound policy seam: the address is checked here before connecting
-        (``check_public_url``). The pinned transport of the outbound-safety work (connect to the
-        vetted address only) replaces this check and the client's transport in one place."""
+        The host is resolved once and vetted (``outbound.vet``), and the POST goes to that
+        address only (``AsyncPinnedTransport``: DNS rebinding cannot redirect it), so each
+        attempt has its own pinned client rather than the shared ``client``."""
         async with asyncio.timeout(self.config.webhook_timeout_s):
-            await asyncio.to_thread(check_public_url, "webhook_url", url,
-                                    allow_private=self.config.allow_private_urls)
+            dest = await asyncio.to_thread(vet, "webhook_url", url,
+                                           allow_private=self.config.allow_private_urls)
             headers = webhooks.headers(self.config.webhook_secret, msg_id, data)
-            async with client.stream("POST", url, content=data, headers=headers,
-                                     timeout=self.config.webhook_timeout_s) as response:
-                return response.status_code
+            async with httpx.AsyncClient(transport=AsyncPinnedTransport(dest), trust_env=False,
+                                         follow_redirects=False) as pinned:
+                async with pinned.stream("POST", url, content=data, headers=headers,
+                                         timeout=self.config.webhook_timeout_s) as response:
+                    return response.status_code
 
     async def _record(self, msg_id: str, delivered: bool, status_code: int | None,
                       error: str | None, retry_in: float | None) -> None:

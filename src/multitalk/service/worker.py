@@ -5,7 +5,9 @@ One :class:`Worker` runs one job at a time. While a job runs, a heartbeat thread
 through the store or the lease was lost. Failures become job errors with a code:
 ``bad_input`` (UserInputError), ``out_of_memory`` (torch.OutOfMemoryError), ``storage_error``
 (inputs unreadable or output upload failed after retries; the local output is kept),
-``internal_error`` (anything else). The worker itself keeps serving after every failure.
+``timeout`` (the attempt ran past ``job_deadline_s``: the runner stops at its next step through
+``should_cancel``, like a cancel), ``internal_error`` (anything else). The worker itself keeps
+serving after every failure.
 
 The worker never talks to webhook receivers: finishing a job queues its notification in the store
 (outbox) and ``on_finished`` wakes the process's webhook dispatcher. A database that goes away
@@ -32,6 +34,7 @@ import tenacity
 
 from multitalk.errors import UserInputError
 
+from .bounds import check_audio
 from .config import ServiceConfig
 from .metrics import Metrics, process_metrics
 from .runner import JobCancelled, Runner
@@ -48,6 +51,25 @@ OOM_HINT = ("the GPU ran out of memory: use size multitalk-480, a smaller frame_
 
 class _Lost(Exception):
     """The lease was taken over by another worker."""
+
+
+class _Deadline:
+    """``job_deadline_s`` of one attempt: ``passed()`` turns true (and stays) once it is over."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.hit = False
+
+    def passed(self) -> bool:
+        self.hit = self.hit or time.monotonic() > self.at
+        return self.hit
+
+    def error(self) -> dict:
+        return {"code": "timeout",
+                "message": f"the job ran longer than this server's limit of {self.seconds:g} s "
+                           "(MULTITALK_JOB_DEADLINE_S) and was stopped",
+                "hint": "ask for fewer frames or steps or a smaller size, or split the audio"}
 
 
 class Worker:
@@ -120,13 +142,18 @@ class Worker:
                                 name=f"heartbeat-{job_id[:8]}", daemon=True)
         beat.start()
 
+        deadline = _Deadline(self.config.job_deadline_s)
+
         def should_cancel() -> bool:
-            return lost.is_set() or self._cancel_requested(job_id)
+            return (lost.is_set() or deadline.passed()
+                    or self._cancel_requested(job_id))
 
         status, result, error, keep = "failed", None, None, False
         try:
             request = self._localise(job["request"], workdir / "inputs")
             request["job_id"] = job_id
+            if deadline.passed():                    # the downloads took the whole budget
+                raise JobCancelled("deadline")
             out = self.runner.run(request, workdir, self._progress_fn(job_id, lost),
                                   should_cancel)
             if lost.is_set():
@@ -138,6 +165,8 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - every failure becomes a job error
             if lost.is_set():
                 status = None
+            elif deadline.hit:
+                error = deadline.error()
             elif isinstance(e, JobCancelled) or self._cancel_requested(job_id):
                 status = "cancelled"
             else:
@@ -146,7 +175,7 @@ class Worker:
         finally:
             finished.set()
             beat.join(timeout=5)
-        if error is not None and error["code"] == "out_of_memory":
+        if error is not None and error["code"] in ("out_of_memory", "timeout"):
             _free_accelerator_memory()      # after the except block: the traceback's tensors are gone
 
         elapsed = time.monotonic() - t0
@@ -169,6 +198,8 @@ class Worker:
             if uri is not None:
                 req["cond_audio"][person] = str(
                     self.storage.fetch(f"cond_audio.{person}", uri, inputs))
+        check_audio({f"cond_audio.{p}": Path(v) for p, v in req["cond_audio"].items() if v},
+                    req.get("audio_type"), self.config)
         return req
 
     def _store_output(self, job: dict, out: dict) -> dict:
