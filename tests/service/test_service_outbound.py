@@ -150,7 +150,7 @@ def test_webhook_post_dials_the_vetted_address(rebinding, sites, tmp_path):
     cfg = ServiceConfig(data_dir=tmp_path / "data", webhook_timeout_s=5.0,
                         webhook_secret="whsec_" + "QUFB" * 11)
     dispatcher = WebhookDispatcher(None, None, cfg)     # its POST: the delivery attempt itself
-    status = asyncio.run(dispatcher._post(None, f"http://hook.test:{port}/hook", "msg_1", b"{}"))
+    status = asyncio.run(dispatcher._post(f"http://hook.test:{port}/hook", "msg_1", b"{}"))
     assert status == 204
 
     async def post_async():              # the asyncio transport a delivery worker can use
