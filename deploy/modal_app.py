@@ -5,7 +5,7 @@ One-time setup::
     modal secret create multitalk-s3 AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... \\
         AWS_DEFAULT_REGION=... [AWS_ENDPOINT_URL=https://<s3-compatible>] \\
         MULTITALK_OUTPUT_PREFIX=s3://my-bucket/multitalk
-    modal secret create multitalk-api MULTITALK_API_TOKENS=alice:tok1,bob:tok2 \\
+    modal secret create multitalk-api MULTITALK_API_TOKENS=alice:<token>,bob:<token> \\
         MULTITALK_WEBHOOK_SECRET=whsec_...
     modal run deploy/modal_app.py          # downloads the weights into the volume (once)
     modal deploy deploy/modal_app.py       # serves the API (URL printed by Modal)

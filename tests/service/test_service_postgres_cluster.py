@@ -8,6 +8,7 @@ to one shared file (``media_runner`` ``record``), so "ran once" is read from wha
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from service_support import STORES, TOKEN, Proc, Running, job_body, metric, wait
 from multitalk.service.store import open_store
 
 pytestmark = pytest.mark.skipif("postgres" not in STORES, reason="MULTITALK_TEST_STORES")
+log = logging.getLogger(__name__)        # measured values (shown with --log-cli-level=INFO)
 
 FAST_JOBS = {"steps": 1, "step_s": 0.0, "max_frames": 2, "size": 32}
 
@@ -90,10 +92,13 @@ def test_two_workers_share_one_queue_faults_included(cluster, postgres):
             assert r.status_code == 202, r.text
             return r.json()["id"]
 
+    t0 = time.monotonic()
     with ThreadPoolExecutor(16) as ex:
         ids = list(ex.map(submit, range(200)))
+    t_submitted = time.monotonic() - t0
     assert len(set(ids)) == 200
     wait_for(c.drained, 180, "200 jobs on two workers", interval=0.5)
+    t_drained = time.monotonic() - t0
     jobs = [c.store.get(i) for i in ids]
     bad = [(j["status"], j["attempts"], j["error"]) for j in jobs
            if j["status"] != "succeeded" or j["attempts"] != 1]
@@ -103,6 +108,8 @@ def test_two_workers_share_one_queue_faults_included(cluster, postgres):
     assert set(starts.values()) == {1}
     per_worker = Counter(next(iter(p)) for p in pids.values())
     assert len(per_worker) == 2 and min(per_worker.values()) >= 20, per_worker   # both worked
+    log.info("200 submissions: accepted in %.1f s, drained in %.1f s, jobs per worker %s",
+             t_submitted, t_drained, sorted(per_worker.values()))
     # the API process ran no job: its /metrics adds up the worker processes' counters
     after = metric(c.api.client.get("/metrics").text, "multitalk_jobs_finished_total",
                    status="succeeded")
@@ -116,7 +123,7 @@ def test_two_workers_share_one_queue_faults_included(cluster, postgres):
     pid = int(running["lease_owner"].split(":")[1])
     victim = next(w for w in c.workers if w.p.pid == pid)
     victim.kill9()
-    t_kill = time.monotonic()
+    t_kill, killed_at = time.monotonic(), time.time()
     wait_for(lambda: c.finished([long, *short]), 60, "the long job on the other worker")
     job = c.store.get(long)
     assert job["status"] == "succeeded" and job["attempts"] == 2, job
@@ -126,6 +133,8 @@ def test_two_workers_share_one_queue_faults_included(cluster, postgres):
     assert dones[long] == 1 and pid in pids[long] and len(pids[long]) == 2
     assert all(c.store.get(s)["status"] == "succeeded" for s in short)
     assert time.monotonic() - t_kill < 60
+    log.info("kill -9 at step %d/16: re-leased after %.1f s, finished %.1f s after the kill",
+             running["step"]["i"], job["started_at"] - killed_at, time.monotonic() - t_kill)
     c.workers = [w for w in c.workers if w is not victim] + [c.start_worker()]
     wait_for(lambda: "serving" in c.workers[-1].output(), 60, "the replacement worker")
 
@@ -144,6 +153,8 @@ def test_two_workers_share_one_queue_faults_included(cluster, postgres):
     logs = "".join(w.output() for w in c.workers)
     assert "store unavailable" in logs or "heartbeat failed" in logs, logs[-2000:]
     assert took < 30
+    log.info("postgres restart took %.2f s; %d jobs finished, attempts %s",
+             took, len(jobs), [j["attempts"] for j in jobs])
 
 
 def submit_one(c: Cluster, prompt: str) -> str:

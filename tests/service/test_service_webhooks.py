@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import httpx
@@ -11,6 +12,8 @@ from service_support import TOKEN, WEBHOOK_SECRET, free_port, job_body, wait_for
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from multitalk.service import webhooks
+
+log = logging.getLogger(__name__)        # measured values (shown with --log-cli-level=INFO)
 
 
 def _webhook_done(svc, job_id: str, timeout: float = 15) -> dict:
@@ -30,6 +33,7 @@ def test_slow_receiver_does_not_delay_the_next_job(make_service, media, webhook_
     assert a["status"] == b["status"] == "succeeded"
     gap = b["started_at"] - a["finished_at"]
     assert 0 <= gap < 1.0, f"the next job started {gap:.2f} s after the first ended"
+    log.info("receiver sleeping 60 s: the next job started %.3f s after the first ended", gap)
     assert svc.runner.calls == [first["id"], second["id"]]
 
     j = _webhook_done(svc, first["id"])               # each attempt cut at its 1 s deadline

@@ -97,6 +97,7 @@ class WebhookDispatcher:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         in_flight: set[asyncio.Task] = set()
         lease_s = 2 * self.config.webhook_timeout_s + LEASE_MARGIN_S
+        outage = False
         while not self._stop.is_set():
             self._wake.clear()          # a notify() from here on wakes the wait below
             free = self.config.webhook_concurrency - len(in_flight)
@@ -110,8 +111,13 @@ class WebhookDispatcher:
                                                       lease_s, free)
                     elif next_due is not None:
                         wait_s = min(wait_s, next_due - time.time())
+                    if outage:
+                        log.info("webhook outbox reachable again")
+                        outage = False
                 except Exception as e:  # noqa: BLE001 - database away: try again later
-                    log.warning("webhook outbox unavailable: %s", e)
+                    if not outage:               # once per outage, not once per poll
+                        log.warning("webhook outbox unavailable (retrying): %s", e)
+                    outage = True
                 for entry in due:
                     task = asyncio.create_task(self._deliver(entry))
                     in_flight.add(task)

@@ -101,13 +101,18 @@ class Worker:
         """Load (if needed), then process jobs until ``stop`` is set; returns jobs processed."""
         if not self.ready.is_set():
             self.load()
-        done = 0
+        done, outage = 0, False
         while not stop.is_set() and (max_jobs is None or done < max_jobs):
             try:
                 worked = self.run_once()
+                if outage:
+                    log.info("worker %s: job store reachable again", self.worker_id)
+                    outage = False
             except StoreUnavailable as e:   # e.g. Postgres restarting: back off, go on
-                log.warning("worker %s: job store unavailable: %s", self.worker_id, e)
-                worked = False
+                if not outage:              # once per outage, not once per poll
+                    log.warning("worker %s: job store unavailable (retrying): %s",
+                                self.worker_id, e)
+                outage, worked = True, False
             except Exception:  # noqa: BLE001 - e.g. database busy: log, back off, go on
                 log.exception("worker %s: loop error", self.worker_id)
                 worked = False
