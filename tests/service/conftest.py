@@ -27,10 +27,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # service_support, media_runner
 
 from postgres_server import PostgresServer  # noqa: E402
-from service_support import Moto, Proc, Running, WebhookReceiver, free_port  # noqa: E402
-
-STORES = [k.strip() for k in os.environ.get("MULTITALK_TEST_STORES", "sqlite,postgres").split(",")
-          if k.strip()]
+from service_support import (STORES, Moto, Proc, Running, WebhookReceiver,  # noqa: E402
+                             free_port)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -20,6 +20,10 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))           # media_runner for in-process and subprocess workers
 
+# the job stores the service tests run on (MULTITALK_TEST_STORES=sqlite runs one of them)
+STORES = [k.strip() for k in os.environ.get("MULTITALK_TEST_STORES", "sqlite,postgres").split(",")
+          if k.strip()]
+
 TOKEN = "test-token-1"
 # a Standard Webhooks secret: whsec_ + base64 of 32 bytes
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"multitalk-test-webhook-secret-32").decode()

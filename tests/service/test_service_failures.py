@@ -37,7 +37,8 @@ def test_cancel_running_job_stops_within_one_step_and_next_job_runs(make_service
     assert svc.runner.calls == [slow["id"], nxt["id"]]
     assert svc.client.post(f"/v1/jobs/{nxt['id']}/cancel").status_code == 409
     j = wait_for(lambda: (j := svc.job(slow["id"]))["webhook"] and j, 5, "cancel webhook")
-    assert j["webhook"]["delivered"] and hook.json(0)["status"] == "cancelled"
+    assert j["webhook"]["delivered"] and hook.json(0)["type"] == "job.cancelled"
+    assert hook.json(0)["data"]["status"] == "cancelled"
 
 
 def test_output_upload_failure_is_storage_error_and_keeps_local_video(make_service, moto, media):

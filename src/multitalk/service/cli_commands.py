@@ -118,7 +118,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str | Path | None
     if not cfg.authenticated:
         if not is_loopback(host):
             raise UserInputError("host", f"refusing to listen on {host} without authentication",
-                                 "set MULTITALK_API_TOKENS=token1,token2 or use --host 127.0.0.1")
+                                 "set MULTITALK_API_TOKENS=name:token,... or use --host 127.0.0.1")
         log.warning("no API tokens configured: serving UNAUTHENTICATED on %s:%d", host, port)
     service = Service(cfg, runner_factory, runner_options=runner_options,
                       in_process_worker=in_process_worker)

@@ -297,6 +297,13 @@ class JobStore:
                                                (r["id"],)))))
             return out
 
+    def next_webhook_due(self) -> float | None:
+        """When the next delivery is due (a leased row: when its lease ends); a read only, so
+        an idle dispatcher never takes the write lock."""
+        rows = self._read("SELECT MIN(COALESCE(lease_expires_at, next_attempt_at)) AS t "
+                          "FROM webhooks WHERE status='pending'")
+        return rows[0]["t"] if rows and rows[0]["t"] is not None else None
+
     def webhook_attempted(self, msg_id: str, worker_id: str, *, delivered: bool,
                           status_code: int | None, error: str | None,
                           retry_in_s: float | None) -> bool:

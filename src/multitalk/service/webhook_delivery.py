@@ -100,22 +100,27 @@ class WebhookDispatcher:
         async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
             while not self._stop.is_set():
                 free = self.config.webhook_concurrency - len(in_flight)
+                wait_s = self.config.poll_interval_s
                 if free > 0:
+                    due = []
                     try:
-                        due = await asyncio.to_thread(self.store.lease_webhooks, self.id,
-                                                      lease_s, free)
+                        next_due = await asyncio.to_thread(self.store.next_webhook_due)
+                        if next_due is not None and next_due <= time.time():
+                            due = await asyncio.to_thread(self.store.lease_webhooks, self.id,
+                                                          lease_s, free)
+                        elif next_due is not None:
+                            wait_s = min(wait_s, next_due - time.time())
                     except Exception as e:  # noqa: BLE001 - database away: try again later
                         log.warning("webhook outbox unavailable: %s", e)
-                        due = []
                     for entry in due:
                         task = asyncio.create_task(self._deliver(client, entry))
                         in_flight.add(task)
                         task.add_done_callback(in_flight.discard)
-                    if len(due) == free:
+                    if due and len(due) == free:
                         continue            # more may be due: no sleep
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.config.poll_interval_s)
+                    await asyncio.wait_for(self._wake.wait(), max(0.01, wait_s))
                 except TimeoutError:
                     pass
             for task in list(in_flight):
