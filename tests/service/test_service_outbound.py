@@ -151,7 +151,7 @@ def test_webhook_post_dials_the_vetted_address(rebinding, sites, tmp_path):
     # the delivery worker's one attempt (vet + AsyncPinnedTransport)
     dispatcher = WebhookDispatcher(None, None, ServiceConfig(
         data_dir=tmp_path, webhook_secret=WEBHOOK_SECRET, webhook_timeout_s=5))
-    sent = asyncio.run(dispatcher._post(None, f"http://hook.test:{port}/hook", "msg_1", b"{}"))
+    sent = asyncio.run(dispatcher._post(f"http://hook.test:{port}/hook", "msg_1", b"{}"))
     assert sent == 204
     # the sync path (outbound.stream) and a plain AsyncClient on the pinned transport
     with outbound.stream("POST", f"http://sync-hook.test:{port}/hook", field="webhook_url",

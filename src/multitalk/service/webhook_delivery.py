@@ -36,8 +36,8 @@ from . import webhooks
 from .config import ServiceConfig
 from .links import download_url
 from .metrics import Metrics
-from .schemas import job_document
 from .outbound import AsyncPinnedTransport, vet
+from .schemas import job_document
 from .storage import Storage
 from .store import JobStore, StoreUnavailable
 
@@ -97,37 +97,36 @@ class WebhookDispatcher:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         in_flight: set[asyncio.Task] = set()
         lease_s = 2 * self.config.webhook_timeout_s + LEASE_MARGIN_S
-        async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
-            while not self._stop.is_set():
-                free = self.config.webhook_concurrency - len(in_flight)
-                wait_s = self.config.poll_interval_s
-                if free > 0:
-                    due = []
-                    try:
-                        next_due = await asyncio.to_thread(self.store.next_webhook_due)
-                        if next_due is not None and next_due <= time.time():
-                            due = await asyncio.to_thread(self.store.lease_webhooks, self.id,
-                                                          lease_s, free)
-                        elif next_due is not None:
-                            wait_s = min(wait_s, next_due - time.time())
-                    except Exception as e:  # noqa: BLE001 - database away: try again later
-                        log.warning("webhook outbox unavailable: %s", e)
-                    for entry in due:
-                        task = asyncio.create_task(self._deliver(client, entry))
-                        in_flight.add(task)
-                        task.add_done_callback(in_flight.discard)
-                    if due and len(due) == free:
-                        continue            # more may be due: no sleep
-                self._wake.clear()
+        while not self._stop.is_set():
+            self._wake.clear()          # a notify() from here on wakes the wait below
+            free = self.config.webhook_concurrency - len(in_flight)
+            wait_s = self.config.poll_interval_s
+            if free > 0:
+                due = []
                 try:
-                    await asyncio.wait_for(self._wake.wait(), max(0.01, wait_s))
-                except TimeoutError:
-                    pass
-            for task in list(in_flight):
-                task.cancel()
-            await asyncio.gather(*in_flight, return_exceptions=True)
+                    next_due = await asyncio.to_thread(self.store.next_webhook_due)
+                    if next_due is not None and next_due <= time.time():
+                        due = await asyncio.to_thread(self.store.lease_webhooks, self.id,
+                                                      lease_s, free)
+                    elif next_due is not None:
+                        wait_s = min(wait_s, next_due - time.time())
+                except Exception as e:  # noqa: BLE001 - database away: try again later
+                    log.warning("webhook outbox unavailable: %s", e)
+                for entry in due:
+                    task = asyncio.create_task(self._deliver(entry))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                if due and len(due) == free:
+                    continue            # more may be due: no sleep
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.01, wait_s))
+            except TimeoutError:
+                pass
+        for task in list(in_flight):
+            task.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)
 
-    async def _deliver(self, client: httpx.AsyncClient, entry: dict) -> None:
+    async def _deliver(self, entry: dict) -> None:
         msg_id, url = entry["id"], entry["url"]
         status_code, error, final = None, None, False
         t0 = time.monotonic()
@@ -136,7 +135,7 @@ class WebhookDispatcher:
             if data is None:
                 error, final = "the job no longer exists", True
             else:
-                status_code = await self._post(client, url, msg_id, data)
+                status_code = await self._post(url, msg_id, data)
                 if not 200 <= status_code < 300:
                     error = f"HTTP {status_code}"
         except UserInputError as e:
@@ -170,12 +169,12 @@ class WebhookDispatcher:
         doc = job_document(job, download_url(self.storage, self.config, job))
         return webhooks.body(entry["event"], doc, job["finished_at"] or time.time())
 
-    async def _post(self, client: httpx.AsyncClient, url: str, msg_id: str, data: bytes) -> int:
+    async def _post(self, url: str, msg_id: str, data: bytes) -> int:
         """One attempt: the status code, within the total deadline; the body is never read.
 
         The host is resolved once and vetted (``outbound.vet``), and the POST goes to that
-        address only (``AsyncPinnedTransport``: DNS rebinding cannot redirect it), so each
-        attempt has its own pinned client rather than the shared ``client``."""
+        address only (``AsyncPinnedTransport``: DNS rebinding cannot redirect it), with a client
+        of its own per attempt."""
         async with asyncio.timeout(self.config.webhook_timeout_s):
             dest = await asyncio.to_thread(vet, "webhook_url", url,
                                            allow_private=self.config.allow_private_urls)
