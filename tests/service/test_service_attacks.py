@@ -128,7 +128,7 @@ def test_s3_existence_check_does_not_block_the_server(make_service, media, aws_e
     hang.listen(64)
     endpoint = f"http://127.0.0.1:{hang.getsockname()[1]}"
     try:
-        svc = make_service(s3_endpoint_url=endpoint, probe_timeout_s=1.0)
+        svc = make_service(s3_endpoint_url=endpoint, probe_timeout_s=2.0)
         image, audio = svc.upload(media["image"]), svc.upload(media["audio1"])
         busy = svc.submit(job_body(image, audio, prompt="[steps=100] [step_s=0.1]"))
         result = {}
@@ -141,12 +141,11 @@ def test_s3_existence_check_does_not_block_the_server(make_service, media, aws_e
         t = threading.Thread(target=submit)
         t.start()
         time.sleep(0.3)
-        t0 = time.monotonic()
         assert svc.client.get("/healthz").status_code == 200
         assert svc.client.get("/v1/jobs").status_code == 200
-        assert time.monotonic() - t0 < 0.5
-        t.join(10)
-        assert result["r"].status_code == 202 and result["s"] < 3
+        assert "r" not in result                    # answered while the probe still hangs
+        t.join(15)
+        assert result["r"].status_code == 202 and result["s"] < 6
         for job_id in (result["r"].json()["id"], busy["id"]):   # the worker never dials it
             svc.client.post(f"/v1/jobs/{job_id}/cancel")
     finally:

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from service_support import WEBHOOK_SECRET
 
 from multitalk.errors import UserInputError
 from multitalk.service import outbound
@@ -147,21 +148,25 @@ def test_download_and_each_redirect_hop_dial_the_vetted_address(rebinding, sites
 
 def test_webhook_post_dials_the_vetted_address(rebinding, sites, tmp_path):
     port, public, internal = sites
-    cfg = ServiceConfig(data_dir=tmp_path / "data", webhook_timeout_s=5.0,
-                        webhook_secret="whsec_" + "QUFB" * 11)
-    dispatcher = WebhookDispatcher(None, None, cfg)     # its POST: the delivery attempt itself
-    status = asyncio.run(dispatcher._post(f"http://hook.test:{port}/hook", "msg_1", b"{}"))
-    assert status == 204
+    # the delivery worker's one attempt (vet + AsyncPinnedTransport)
+    dispatcher = WebhookDispatcher(None, None, ServiceConfig(
+        data_dir=tmp_path, webhook_secret=WEBHOOK_SECRET, webhook_timeout_s=5))
+    sent = asyncio.run(dispatcher._post(f"http://hook.test:{port}/hook", "msg_1", b"{}"))
+    assert sent == 204
+    # the sync path (outbound.stream) and a plain AsyncClient on the pinned transport
+    with outbound.stream("POST", f"http://sync-hook.test:{port}/hook", field="webhook_url",
+                         content=b"{}", timeout=5) as r:
+        assert r.status_code == 204
 
-    async def post_async():              # the asyncio transport a delivery worker can use
+    async def post_async():
         dest = vet("webhook_url", f"http://async-hook.test:{port}/hook")
         async with httpx.AsyncClient(transport=AsyncPinnedTransport(dest), timeout=5) as c:
             return (await c.post(dest.url, content=b"{}")).status_code
 
     assert asyncio.run(post_async()) == 204
     assert internal.connections == 0
-    assert [r for r in public.requests] == [("POST", "/hook", f"hook.test:{port}"),
-                                            ("POST", "/hook", f"async-hook.test:{port}")]
+    assert public.requests == [("POST", "/hook", f"{name}.test:{port}")
+                               for name in ("hook", "sync-hook", "async-hook")]
 
 
 def test_a_pinned_transport_refuses_other_hosts(rebinding, sites):
