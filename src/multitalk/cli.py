@@ -99,6 +99,7 @@ def generate(
     fp8_matmul: Optional[bool] = _opt(None, "--fp8-matmul/--no-fp8-matmul", help="fp8 weights through fp8 matmuls (default: where the GPU has them); off: dequantised per layer."),
     max_vram: Optional[float] = _opt(None, "--max-vram", "--max_vram", help="GPU memory to plan for, in GiB (default: what the GPU has free)."),
     persistent_params: Optional[int] = _opt(None, "--num_persistent_param_in_dit", "--num-persistent-param-in-dit", help="Official: DiT parameters kept on the GPU; the other blocks are streamed (0: all)."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa (bf16), int8 (8-bit Triton kernel, Hopper) or auto (int8 on Hopper in bf16)."),
     compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Regional torch.compile of the DiT blocks and fused VAE element-wise kernels (default: on for CUDA)."),
     save_tensor: Optional[Path] = _opt(None, "--save-tensor", "--save_tensor", help="Also store the float video as safetensors key 'video' (3,T,H,W)."),
     quiet: bool = _opt(False, "--quiet", "-q", help="No progress bars."),
@@ -115,6 +116,7 @@ def generate(
         from multitalk.ui.terminal import ProgressView
         from multitalk.pipeline.render import render
 
+        _check_attention(attention)
         json_path = input_json or input_json_opt
         if json_path is not None:
             spec, warnings = load_input_json(json_path)
@@ -154,12 +156,14 @@ def generate(
 
         config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
                               preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                              compile=compile, weights=weights, fp8_matmul=fp8_matmul, max_vram_gib=max_vram,
-                              num_persistent_param_in_dit=persistent_params, workload=workload_of(media, params))
+                              compile=compile, attention=attention, weights=weights, fp8_matmul=fp8_matmul,
+                              max_vram_gib=max_vram, num_persistent_param_in_dit=persistent_params,
+                              workload=workload_of(media, params))
         t0 = time.perf_counter()
         with err.status("loading models ..."):
             engine = Engine.load(config)
-        err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, {engine.dtype})")
+        err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, {engine.dtype}, "
+                  f"{engine.attention} attention)")
         if engine.plan is not None:
             err.print(engine.plan.summary(), highlight=False, soft_wrap=True)
         with ProgressView(console=err, enabled=not quiet) as view:
@@ -196,7 +200,7 @@ def demo(
                  motion_frame=motion_frame, mode="streaming", sample_steps=steps, sample_shift=None,
                  text_scale=5.0, audio_scale=4.0, seed=42, n_prompt="", use_teacache=False, teacache_thresh=0.2,
                  use_apg=False, apg_momentum=-0.75, apg_norm_threshold=55.0, color_correction_strength=0.0,
-                 max_frames=None, device="cpu", dtype="float32", offload=False, fp8=False, compile=False,
+                 max_frames=None, device="cpu", dtype="float32", offload=False, fp8=False, attention="sdpa", compile=False,
                  weights="auto", fp8_matmul=None, max_vram=None, persistent_params=None,
                  save_tensor=None, quiet=False, debug=debug)
 
@@ -251,11 +255,21 @@ def weights_make_tiny(
     _run_guarded(run)
 
 
-def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, memory: dict | None = None) -> dict:
+def _check_attention(attention: str) -> None:
+    """An unknown ``--attention`` is a one-line error before anything loads (the device check is Engine.load's)."""
+    from multitalk.runtime.attention_int8 import MODES_CLI
+
+    if attention not in MODES_CLI:
+        raise UserInputError("attention", f"unknown attention {attention!r}", f"use one of {', '.join(MODES_CLI)}")
+
+
+def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention="auto",
+                    memory: dict | None = None) -> dict:
     if preset is None and ckpt_dir is None:
         raise UserInputError("ckpt_dir", "no model weights given",
                              "pass --ckpt-dir and --wav2vec-dir (official folders), or --preset tiny")
-    opts = {"preset": preset, "device": device, "dtype": dtype}
+    _check_attention(attention)
+    opts = {"preset": preset, "device": device, "dtype": dtype, "attention": attention}
     opts.update({k: v for k, v in (memory or {}).items() if v is not None and v is not False})
     for key, value in (("ckpt_dir", ckpt_dir), ("wav2vec_dir", wav2vec_dir), ("multitalk_dir", multitalk_dir)):
         if value is not None:
@@ -267,7 +281,8 @@ def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype,
 def serve(
     host: str = _opt("127.0.0.1", "--host", help="Bind address (non-loopback needs MULTITALK_API_TOKENS)."),
     port: int = _opt(8000, "--port", help="TCP port."),
-    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="Job store, uploads and outputs."),
+    data_dir: Optional[Path] = _opt(None, "--data-dir", help="Uploads, outputs and the SQLite job store (default: MULTITALK_DATA_DIR or multitalk-data)."),
+    db: Optional[str] = _opt(None, "--db", help="Job store: postgresql://user:pass@host/db to share one queue between machines (default: MULTITALK_DB or SQLite in --data-dir)."),
     preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
     multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
@@ -279,6 +294,7 @@ def serve(
     persistent_params: Optional[int] = _opt(None, "--num_persistent_param_in_dit", "--num-persistent-param-in-dit", help="Official: DiT parameters kept on the GPU; the other blocks are streamed (0: all)."),
     offload: bool = _opt(False, "--offload_model", "--offload-model", help="Encoders and VAE leave the GPU between uses."),
     fp8: bool = _opt(False, "--fp8", help="FP8 compute: the DiT's feed-forward linears in e4m3."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """HTTP job API with one in-process worker (models loaded once)."""
@@ -288,17 +304,18 @@ def serve(
     def run():
         from multitalk.service.cli_commands import serve as serve_api
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype,
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention,
                                dict(max_vram_gib=max_vram, weights=None if weights == "auto" else weights,
                                     num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8))
-        serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts)
+        serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts, db=db)
 
     _run_guarded(run)
 
 
 @app.command()
 def worker(
-    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="The same data dir as the server's."),
+    data_dir: Optional[Path] = _opt(None, "--data-dir", help="The same data dir as the server's (default: MULTITALK_DATA_DIR or multitalk-data)."),
+    db: Optional[str] = _opt(None, "--db", help="The server's job store: postgresql://... (default: MULTITALK_DB or SQLite in --data-dir)."),
     preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
     multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
@@ -311,6 +328,7 @@ def worker(
     offload: bool = _opt(False, "--offload_model", "--offload-model", help="Encoders and VAE leave the GPU between uses."),
     fp8: bool = _opt(False, "--fp8", help="FP8 compute: the DiT's feed-forward linears in e4m3."),
     max_jobs: Optional[int] = _opt(None, "--max-jobs", help="Exit after N jobs."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """An extra worker process against the server's job store."""
@@ -320,10 +338,10 @@ def worker(
     def run():
         from multitalk.service.cli_commands import worker as run_worker
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype,
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention,
                                dict(max_vram_gib=max_vram, weights=None if weights == "auto" else weights,
                                     num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8))
-        n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs)
+        n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs, db=db)
         out.print(f"worker processed {n} jobs")
 
     _run_guarded(run)

@@ -43,6 +43,8 @@ class EngineConfig:
     compile: bool | None = None        # regional torch.compile of the DiT blocks + fused VAE element-wise
                                        # chains (runtime.vae_fusion); None: on for CUDA
     attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
+    attention: str = "auto"            # DiT self-attention: "sdpa" (the attention backend, bf16), "int8"
+                                       # (runtime.attention_int8, Hopper), "auto": int8 on Hopper in bf16
 
     def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
         if self.preset is not None:
@@ -78,6 +80,7 @@ class Engine:
     dtype: torch.dtype
     placement: Placement
     load_seconds: dict = field(default_factory=dict)
+    attention: str = "sdpa"            # the self-attention installed: "sdpa" or "int8"
     plan: MemoryPlan | None = None
     config: EngineConfig | None = None
     sizes: object = None               # runtime.memory_plan.ModelSizes the plan was made with
@@ -89,10 +92,12 @@ class Engine:
         from multitalk.models.text_encoder import TextEncoder
         from multitalk.models.transformer import load_transformer
         from multitalk.models.vae import WanVAE
+        from multitalk.runtime.attention_int8 import select_self_attention
 
-        ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        attention = select_self_attention(config.attention, device, dtype)  # before any file is touched
+        ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
         vae_dtype = resolve_dtype(config.vae_dtype, device)
         arch = detect_architecture(ckpt_dir)
         weights = _weights_format(config.weights)
@@ -152,13 +157,17 @@ class Engine:
                         fp8_scales: dict | None = None) -> "Engine":
         """An engine around models already built (by :meth:`load`, or the benchmark's random
         full-size ones), with ``config``'s runtime choices applied as :meth:`load` applies them:
-        backend settings, fp8 weights / compute, attention backend, and on CUDA (or with
-        ``compile=True``) the fused DiT / VAE operations and the DiT blocks' regional compile, then
-        the memory ``plan``'s placement (none: every model stays where it is). Each of these is
-        skipped where the model already has it (a DiT compiled beforehand is not compiled again)."""
+        backend settings, fp8 weights / compute, attention backend, the 8-bit self-attention
+        (``config.attention``), and on CUDA (or with ``compile=True``) the fused DiT / VAE
+        operations and the DiT blocks' regional compile, then the memory ``plan``'s placement
+        (none: every model stays where it is). Each of these is skipped where the model already
+        has it (a DiT compiled beforehand is not compiled again)."""
+        from multitalk.runtime.attention_int8 import select_self_attention
+
         config = config or EngineConfig()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        attention = select_self_attention(config.attention, device, dtype)
         placement = Placement(device, offload=config.offload)
         configure_backends(device)
         dit = transformer.eval().requires_grad_(False)
@@ -166,13 +175,14 @@ class Engine:
         # (LoRAs are merged before this, into the bf16 weights: quantisation comes after the merge)
         prepare_transformer(dit, device, dtype, weights=_weights_format(config.weights), fp8=config.fp8,
                             fp8_matmul=config.fp8_matmul, attention_backend=config.attention_backend,
-                            compile=compiled, fp8_scales=fp8_scales)
+                            attention=attention, compile=compiled, fp8_scales=fp8_scales)
         if compiled:
             from multitalk.runtime.vae_fusion import fuse_vae
 
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
         engine = cls(arch, text_encoder, image_encoder, vae, audio_encoder, dit, device, dtype, placement,
-                     load_seconds if load_seconds is not None else {}, plan, config, sizes)
+                     load_seconds if load_seconds is not None else {}, attention=attention, plan=plan,
+                     config=config, sizes=sizes)
         if plan is not None:
             engine.apply_plan(plan)
         return engine
@@ -207,7 +217,7 @@ class Engine:
 
 def prepare_transformer(dit: torch.nn.Module, device: torch.device, dtype: torch.dtype, *, weights: str = "bf16",
                         fp8: bool = False, fp8_matmul: bool | None = None, attention_backend: str | None = None,
-                        compile: bool = False, fp8_scales: dict | None = None) -> None:
+                        attention: str = "sdpa", compile: bool = False, fp8_scales: dict | None = None) -> None:
     """Everything ``Engine.load`` does to a loaded DiT: fp8 storage / compute, attention backend,
     fused operations and regional compile (the benchmark applies it to its random-weight DiT)."""
     from multitalk.runtime.fp8 import (block_linears_filter, ffn_fp8_filter, quantize_linears_fp8,
@@ -225,6 +235,10 @@ def prepare_transformer(dit: torch.nn.Module, device: torch.device, dtype: torch
         set_fp8_matmul(dit, "scaled_mm" if use_mm else "dequant")
     if attention_backend:
         dit.set_attention_backend(attention_backend)
+    if attention == "int8":
+        from multitalk.runtime.attention_int8 import enable_int8_self_attention
+
+        enable_int8_self_attention(dit, device=device)  # int8 Q·Kᵀ + bf16 P·V Triton kernel in every block's self-attention
     if compile:
         from multitalk.runtime.dit_fusion import fuse_dit
 

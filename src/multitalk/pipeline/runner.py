@@ -29,14 +29,14 @@ class PipelineRunner:
     def __init__(self, ckpt_dir: str | None = None, wav2vec_dir: str | None = None,
                  multitalk_dir: str | None = None, preset: str | None = None, device: str = "auto",
                  dtype: str = "auto", offload: bool = False, fp8: bool = False, compile: bool | None = None,
-                 weights: str = "auto", max_vram_gib: float | None = None,
+                 attention: str = "auto", weights: str = "auto", max_vram_gib: float | None = None,
                  num_persistent_param_in_dit: int | None = None):
         self.config = EngineConfig(ckpt_dir=Path(ckpt_dir) if ckpt_dir else None,
                                    wav2vec_dir=Path(wav2vec_dir) if wav2vec_dir else None,
                                    multitalk_dir=Path(multitalk_dir) if multitalk_dir else None,
                                    preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                                   compile=compile, weights=weights, max_vram_gib=max_vram_gib,
-                                   num_persistent_param_in_dit=num_persistent_param_in_dit)
+                                   compile=compile, attention=attention, weights=weights,
+                                   max_vram_gib=max_vram_gib, num_persistent_param_in_dit=num_persistent_param_in_dit)
         self.engine: Engine | None = None
         self._lock = threading.Lock()
 

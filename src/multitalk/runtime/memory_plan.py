@@ -41,8 +41,10 @@ GIB = 2**30
 # Measured on the H200 (benchmarks/results/2026-12-02_nvidia-h200_probe_memory.json, "activations"
 # and "vae"), each with about 10 % added. DiT forward, per token, in model widths of 2 bytes:
 # (compiled, speakers) -> widths. Eager: 14.1 / 15.1 widths at 33,600 tokens (1 / 2 speakers),
-# 15.2 at 75,600; regionally compiled (inductor fuses the float32 residual updates): 7.7 for both.
-DIT_WIDTHS_PER_TOKEN = {(False, 1): 15.5, (False, 2): 16.5, (True, 1): 8.5, (True, 2): 8.5}
+# 15.2 at 75,600; regionally compiled (inductor fuses the float32 residual updates): 7.7 for both,
+# with cuDNN attention. The 8-bit attention (runtime.attention_int8, the default on Hopper) adds
+# its int8 copies of q and k (1 width; not measured here): 9.5 covers both.
+DIT_WIDTHS_PER_TOKEN = {(False, 1): 15.5, (False, 2): 16.5, (True, 1): 9.5, (True, 2): 9.5}
 # fp8 compute quantises each linear's input (an e4m3 copy; eager also a float32 one)
 FP8_EXTRA_WIDTHS = {False: 6.0, True: 1.0}
 DIT_FIXED = int(0.35 * GIB)            # contexts, RoPE tables, latents, guidance branches (at width 5120)
