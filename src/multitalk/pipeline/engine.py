@@ -4,19 +4,26 @@
 ``preset="tiny"``, the project's own small random weights in the same layout) and loads every
 component through its streaming loader. An engine is loaded once and reused for many generations
 (the CLI loads one per run; the service's worker keeps one for its lifetime).
+
+LoRAs (``EngineConfig.loras``) are merged into the DiT right after it is loaded and before fp8
+quantisation, compile and offload (:func:`load_dit`), so they cost nothing per step.
+:meth:`Engine.use_loras` switches a loaded engine to another LoRA set (the service, per job).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from multitalk.errors import UserInputError
 from multitalk.models.architecture import Architecture, detect_architecture
+from multitalk.models.lora import LoraReport, LoraSpec, check_loras, lora_signature
 from multitalk.runtime.placement import Placement, configure_backends, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,7 @@ class EngineConfig:
     compile: bool | None = None        # regional torch.compile of the DiT blocks + fused VAE element-wise
                                        # chains (runtime.vae_fusion); None: on for CUDA
     attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
+    loras: tuple[LoraSpec, ...] = ()   # merged into the DiT at load, in this order (before fp8/compile)
 
     def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
         if self.preset is not None:
@@ -58,6 +66,46 @@ class EngineConfig:
         return Path(self.ckpt_dir), Path(self.wav2vec_dir), (
             Path(self.multitalk_dir) if self.multitalk_dir else None)
 
+    def check_loras(self, loras: Sequence[LoraSpec] | None = None) -> None:
+        """Check LoRA files (keys, shapes; headers only) against this checkpoint's DiT, before loading it."""
+        from multitalk.models.transformer import build_transformer_on_meta
+
+        loras = self.loras if loras is None else loras
+        if loras:
+            ckpt_dir, _, _ = self.resolved_dirs()
+            check_loras(build_transformer_on_meta(detect_architecture(ckpt_dir).dit), loras)
+
+
+def load_dit(config: EngineConfig, ckpt_dir: Path, multitalk_dir: Path | None, arch: Architecture,
+             device: torch.device, dtype: torch.dtype, home: torch.device,
+             timings: dict | None = None) -> tuple[torch.nn.Module, LoraReport]:
+    """The DiT as the engine runs it: loaded on ``home``, ``config.loras`` merged (float32 sums on
+    ``device``), then fp8, the attention backend and compile. Merge first, quantise after."""
+    from multitalk.models.lora import apply_loras
+    from multitalk.models.transformer import load_transformer
+
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
+    dit = load_transformer(ckpt_dir, multitalk_dir, arch, device=home, dtype=dtype)
+    dit.eval().requires_grad_(False)
+    timings["transformer"] = time.perf_counter() - t0
+    log.info("loaded transformer in %.1fs", timings["transformer"])
+    report = apply_loras(dit, config.loras, compute_device=device)
+    if config.loras:
+        timings["lora_read"], timings["lora_merge"] = report.read_s, report.merge_s
+    if config.fp8:
+        from multitalk.runtime.fp8 import quantize_linears_fp8
+
+        quantize_linears_fp8(dit)
+    if config.attention_backend:
+        dit.set_attention_backend(config.attention_backend)
+    if config.compile or (config.compile is None and device.type == "cuda"):
+        from multitalk.runtime.dit_fusion import fuse_dit
+
+        fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
+        dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
+    return dit, report
+
 
 @dataclass
 class Engine:
@@ -71,16 +119,18 @@ class Engine:
     dtype: torch.dtype
     placement: Placement
     load_seconds: dict = field(default_factory=dict)
+    config: EngineConfig | None = None      # how it was loaded (None: built from components)
+    lora_report: LoraReport = field(default_factory=LoraReport)  # the LoRAs merged into the DiT
 
     @classmethod
     def load(cls, config: EngineConfig) -> "Engine":
         from multitalk.models.audio_encoder import AudioEncoder
         from multitalk.models.image_encoder import ImageEncoder
         from multitalk.models.text_encoder import TextEncoder
-        from multitalk.models.transformer import load_transformer
         from multitalk.models.vae import WanVAE
 
         ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
+        config.check_loras()  # a bad LoRA file fails before any model is read
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         vae_dtype = resolve_dtype(config.vae_dtype, device)
@@ -102,19 +152,42 @@ class Engine:
         image = timed("image_encoder", lambda: ImageEncoder.from_checkpoint(ckpt_dir, arch, device=home, dtype=dtype))
         vae = timed("vae", lambda: WanVAE.from_checkpoint(ckpt_dir, arch, device=home, dtype=vae_dtype))
         audio = timed("audio_encoder", lambda: AudioEncoder.from_pretrained(w2v_dir, device=home, dtype=torch.float32))
-        dit = timed("transformer", lambda: load_transformer(ckpt_dir, mt_dir, arch, device=home, dtype=dtype))
-        dit.eval().requires_grad_(False)
-        if config.fp8:
-            from multitalk.runtime.fp8 import quantize_linears_fp8
-
-            quantize_linears_fp8(dit)
-        if config.attention_backend:
-            dit.set_attention_backend(config.attention_backend)
+        dit, lora_report = load_dit(config, ckpt_dir, mt_dir, arch, device, dtype, home, timings)
         if config.compile or (config.compile is None and device.type == "cuda"):
-            from multitalk.runtime.dit_fusion import fuse_dit
             from multitalk.runtime.vae_fusion import fuse_vae
 
-            fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
-            dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
-        return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings)
+        return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings, config, lora_report)
+
+    def use_loras(self, loras: Sequence[LoraSpec]) -> bool:
+        """Make ``loras`` (files, scales, order) the LoRAs merged into the DiT; True if it was reloaded.
+
+        The same set (by content hash and scale) as the one merged costs nothing. Another set
+        reloads the DiT through :func:`load_dit`, as :meth:`load` did: a merge is not undone in
+        place (a bf16 weight rounded after adding a delta is not restored by subtracting it, and an
+        fp8-quantised one has no bf16 copy left), so the next job never inherits the previous
+        job's merge. The new files are checked against the architecture first (a bad file keeps
+        the current DiT), and the old DiT is freed before the new one loads (never two on the GPU).
+        """
+        loras = tuple(LoraSpec.of(x) for x in loras)
+        wanted = lora_signature(loras)
+        if self.transformer is not None and wanted == self.lora_report.signature:
+            return False
+        if self.config is None:
+            raise RuntimeError("this engine was built from components and cannot reload its DiT for other LoRAs")
+        config = replace(self.config, loras=loras)
+        config.check_loras()
+        ckpt_dir, _, mt_dir = config.resolved_dirs()
+        home = torch.device("cpu") if self.placement.offload else self.device
+        self.transformer, self.lora_report = None, LoraReport()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        timings: dict = {}
+        t0 = time.perf_counter()
+        self.transformer, self.lora_report = load_dit(config, ckpt_dir, mt_dir, self.arch, self.device, self.dtype,
+                                                      home, timings)
+        self.config = config
+        self.load_seconds.update({f"reload_{k}": v for k, v in timings.items()})
+        log.info("DiT reloaded for %d LoRA file(s) in %.1fs", len(loras), time.perf_counter() - t0)
+        return True
