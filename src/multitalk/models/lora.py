@@ -616,7 +616,7 @@ def random_official_lora(dit, rank: int = 32, seed: int = 0, *, diffs: bool = Tr
         if not key.startswith("blocks."):
             continue
         module, _, leaf = key.rpartition(".")
-        local = module.split(".", 2)[2]
+        local = module.split(".", 2)[-1]  # blocks.N.<local>
         name = f"diffusion_model.{module}"
         if local in modules and leaf == "weight":
             out_f, in_f = shape

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
+from pathlib import Path
 from typing import Annotated, Callable, Literal
 
 from fastapi import BackgroundTasks, Depends, FastAPI, Header, HTTPException, Query, Request
@@ -34,8 +35,13 @@ _DRAIN_FACTOR = 4           # read at most this many times the upload limit befo
 
 def create_app(config: ServiceConfig, *, store: JobStore | None = None,
                storage: Storage | None = None, metrics: Metrics | None = None,
-               ready: Callable[[], bool] | None = None) -> FastAPI:
-    """The FastAPI app. ``ready`` reports whether models are loaded (None: always ready)."""
+               ready: Callable[[], bool] | None = None,
+               check_lora: Callable[[str, Path], None] | None = None) -> FastAPI:
+    """The FastAPI app. ``ready`` reports whether models are loaded (None: always ready).
+
+    ``check_lora(field, path)`` checks a LoRA file already on the server (upload or local path)
+    against the model at submission (a bad one is a 422); remote ones are checked by the worker.
+    """
     store = store or JobStore(config.db_path, max_attempts=config.max_attempts)
     storage = storage or Storage(config)
     metrics = metrics or Metrics()
@@ -93,6 +99,11 @@ def create_app(config: ServiceConfig, *, store: JobStore | None = None,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> dict:
         for field, uri in body.media().items():
             storage.check_input(field, uri)
+        if check_lora is not None:
+            for field, uri in body.lora_files().items():
+                local = storage.local_input(field, uri)
+                if local is not None:
+                    check_lora(field, local)
         if body.output:
             storage.check_output("output", body.output)
         if body.webhook_url:

@@ -53,8 +53,9 @@ class Service:
             runner = factory(**(runner_options or {}))
             self.worker = Worker(self.store, self.storage, runner, config, metrics=self.metrics)
         ready = self.worker.ready.is_set if self.worker is not None else None
+        check_lora = getattr(self.worker.runner, "check_lora", None) if self.worker is not None else None
         self.app = create_app(config, store=self.store, storage=self.storage,
-                              metrics=self.metrics, ready=ready)
+                              metrics=self.metrics, ready=ready, check_lora=check_lora)
 
     def start_worker(self) -> None:
         """Load the models and serve jobs in a background thread (readyz turns 200 when loaded)."""

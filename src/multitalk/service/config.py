@@ -28,6 +28,7 @@ class ServiceConfig:
     allow_local_paths: bool = False           # permit server-local input/output paths
     max_upload_bytes: int = 200 * 1024 * 1024
     max_download_bytes: int = 500 * 1024 * 1024
+    max_lora_bytes: int = 4 * 1024 * 1024 * 1024  # a LoRA file (rank-128 14B LoRAs are ~1.2 GB)
     download_timeout_s: float = 60.0
     s3_endpoint_url: str | None = None        # S3-compatible stores (AWS_ENDPOINT_URL)
     presign_expiry_s: int = 3600

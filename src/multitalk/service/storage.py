@@ -129,6 +129,17 @@ class Storage:
             if not path.is_file():
                 raise UserInputError(field, f"{path} is not a file", "check the path")
 
+    def local_input(self, field: str, uri: str) -> Path | None:
+        """The file behind an ``upload://`` or server-local URI (None for remote ones)."""
+        kind = self._kind(field, uri)
+        if kind == "upload":
+            path = self._upload_path(field, uri)
+        elif kind == "local":
+            path = self._local_path(field, uri)
+        else:
+            return None
+        return path if path.is_file() else None
+
     def check_output(self, field: str, prefix: str) -> None:
         kind = self._kind(field, prefix)
         if kind == "s3":
@@ -188,11 +199,12 @@ class Storage:
         return f"upload://{name}", self.config.uploads_dir / name
 
     # -- fetching (worker) -------------------------------------------------------------------
-    def fetch(self, field: str, uri: str, dest_dir: Path) -> Path:
-        """Copy an input to ``dest_dir`` (streamed, size-limited) and return the local path."""
+    def fetch(self, field: str, uri: str, dest_dir: Path, limit: int | None = None) -> Path:
+        """Copy an input to ``dest_dir`` (streamed, at most ``limit`` bytes, default
+        ``max_download_bytes``) and return the local path (uploads and local files: their own path)."""
         dest_dir.mkdir(parents=True, exist_ok=True)
         kind = self._kind(field, uri)
-        limit = self.config.max_download_bytes
+        limit = self.config.max_download_bytes if limit is None else limit
         if kind == "upload":
             src = self._upload_path(field, uri)
             if not src.is_file():
@@ -220,7 +232,7 @@ class Storage:
                 with fs.open(f"{bucket}/{key}", "rb") as src, open(dest, "wb") as out:
                     _copy_limited(src, out, limit)
             else:
-                self._download(field, uri, dest)
+                self._download(field, uri, dest, limit)
         except TooLarge:
             dest.unlink(missing_ok=True)
             raise UserInputError(field, f"{uri} is larger than {limit} bytes",
@@ -233,8 +245,9 @@ class Storage:
             raise StorageError(f"cannot read {uri}: {type(e).__name__}: {e}") from e
         return dest
 
-    def _download(self, field: str, url: str, dest: Path) -> None:
+    def _download(self, field: str, url: str, dest: Path, limit: int | None = None) -> None:
         cfg = self.config
+        limit = cfg.max_download_bytes if limit is None else limit
         timeout = httpx.Timeout(cfg.download_timeout_s, connect=min(10.0, cfg.download_timeout_s))
         deadline = time.monotonic() + cfg.download_timeout_s
         with httpx.Client(timeout=timeout, follow_redirects=False) as client:
@@ -248,13 +261,13 @@ class Storage:
                         raise UserInputError(field, f"{url} answered 404", "check the URL")
                     r.raise_for_status()
                     length = int(r.headers.get("content-length") or 0)
-                    if length > cfg.max_download_bytes:
+                    if length > limit:
                         raise TooLarge()
                     with open(dest, "wb") as out:
                         n = 0
                         for chunk in r.iter_bytes(_CHUNK):
                             n += len(chunk)
-                            if n > cfg.max_download_bytes:
+                            if n > limit:
                                 raise TooLarge()
                             if time.monotonic() > deadline:
                                 raise StorageError(f"download of {url} exceeded "
@@ -262,6 +275,39 @@ class Storage:
                             out.write(chunk)
                     return
         raise UserInputError(field, f"too many redirects for {url}", "use the final URL")
+
+    def version(self, field: str, uri: str) -> str | None:
+        """A cheap identity of a remote object's current content (S3 ETag + size; an http(s) HEAD's
+        ETag / Last-Modified + length), or None when there is none (then only a download tells)."""
+        kind = self._kind(field, uri)
+        try:
+            if kind == "s3":
+                bucket, key = self._s3_parts(field, uri)
+                info = self.s3().info(f"{bucket}/{key}")
+                etag = info.get("ETag") or info.get("etag")
+                return f"s3:{etag}:{info.get('size')}" if etag else None
+            if kind == "http":
+                return self._http_version(field, uri)
+        except UserInputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unknown: the caller downloads
+            log.info("cannot read the version of %s (%s); downloading it", uri, e)
+        return None
+
+    def _http_version(self, field: str, url: str) -> str | None:
+        cfg = self.config
+        with httpx.Client(timeout=httpx.Timeout(min(10.0, cfg.download_timeout_s)), follow_redirects=False) as client:
+            for _ in range(_MAX_REDIRECTS + 1):
+                check_public_url(field, url, allow_private=cfg.allow_private_urls)
+                r = client.head(url)
+                if r.is_redirect:
+                    url = urljoin(url, r.headers["location"])
+                    continue
+                if r.status_code != 200:
+                    return None
+                tag = r.headers.get("etag") or r.headers.get("last-modified")
+                return f"http:{tag}:{r.headers.get('content-length')}" if tag else None
+        return None
 
     # -- outputs -----------------------------------------------------------------------------
     def output_uri(self, prefix: str | None, name: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from multitalk.errors import UserInputError
 
 from .config import ServiceConfig
+from .lora_cache import LoraCache
 from .metrics import Metrics
 from .runner import JobCancelled, Runner
 from .schemas import job_document
@@ -52,6 +53,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.ready = threading.Event()
         self.load_error: str | None = None
+        self.lora_cache = LoraCache(storage, Path(config.data_dir) / "loras", config.max_lora_bytes)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -157,6 +159,15 @@ class Worker:
             if uri is not None:
                 req["cond_audio"][person] = str(
                     self.storage.fetch(f"cond_audio.{person}", uri, inputs))
+        params = req.get("params")
+        if isinstance(params, dict) and params.get("loras"):
+            loras, hashes = [], []
+            for i, item in enumerate(params["loras"]):
+                path, digest = self.lora_cache.get(f"params.loras.{i}.uri", item["uri"])
+                loras.append({**item, "uri": str(path)})
+                hashes.append(digest)
+            req["params"] = {**params, "loras": loras}
+            req["lora_sha256"] = hashes   # the runner need not hash the files again
         return req
 
     def _store_output(self, job: dict, out: dict) -> dict:
