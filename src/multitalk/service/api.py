@@ -11,10 +11,13 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Annotated, Callable, Literal
 
 from fastapi import BackgroundTasks, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -67,6 +70,12 @@ def create_app(config: ServiceConfig, *, store: JobStore | None = None,
     @app.exception_handler(UserInputError)
     async def _user_input(request: Request, e: UserInputError):
         return JSONResponse(status_code=422, content=_problem(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        # FastAPI's own handler echoes the input, and a NaN/Infinity literal in the body (which
+        # Python's JSON parser accepts) cannot be written back as JSON: a 500 instead of the 422
+        return JSONResponse(status_code=422, content={"detail": _finite(jsonable_encoder(e.errors()))})
 
     def doc(request: Request, job: dict) -> dict:
         return job_document(job, download_url(storage, config, job, str(request.base_url)))
@@ -165,6 +174,17 @@ def create_app(config: ServiceConfig, *, store: JobStore | None = None,
         return await _receive_upload(request, storage, config.max_upload_bytes)
 
     return app
+
+
+def _finite(value):
+    """``value`` with every non-finite float written as a string (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _problem(e: UserInputError) -> dict:
