@@ -79,9 +79,7 @@ class EngineConfig:
 def load_dit(config: EngineConfig, ckpt_dir: Path, multitalk_dir: Path | None, arch: Architecture,
              device: torch.device, dtype: torch.dtype, home: torch.device,
              timings: dict | None = None) -> tuple[torch.nn.Module, LoraReport]:
-    """The DiT as the engine runs it: loaded on ``home``, ``config.loras`` merged (float32 sums on
-    ``device``), then fp8, the attention backend and compile. Merge first, quantise after."""
-    from multitalk.models.lora import apply_loras
+    """The DiT as the engine runs it: loaded on ``home``, then :func:`prepare_dit`."""
     from multitalk.models.transformer import load_transformer
 
     timings = {} if timings is None else timings
@@ -90,9 +88,21 @@ def load_dit(config: EngineConfig, ckpt_dir: Path, multitalk_dir: Path | None, a
     dit.eval().requires_grad_(False)
     timings["transformer"] = time.perf_counter() - t0
     log.info("loaded transformer in %.1fs", timings["transformer"])
-    report = apply_loras(dit, config.loras, compute_device=device)
+    report = prepare_dit(dit, config, device)
     if config.loras:
         timings["lora_read"], timings["lora_merge"] = report.read_s, report.merge_s
+    return dit, report
+
+
+def prepare_dit(dit: torch.nn.Module, config: EngineConfig, device: torch.device) -> LoraReport:
+    """What the engine does to a freshly loaded DiT, in this order: ``config.loras`` merged (float32
+    sums on ``device``), fp8, the attention backend, compile. Merge first, quantise after.
+
+    (The benchmark applies it to its random-weight DiT, so it measures the production path.)
+    """
+    from multitalk.models.lora import apply_loras
+
+    report = apply_loras(dit, config.loras, compute_device=device)
     if config.fp8:
         from multitalk.runtime.fp8 import quantize_linears_fp8
 
@@ -104,7 +114,7 @@ def load_dit(config: EngineConfig, ckpt_dir: Path, multitalk_dir: Path | None, a
 
         fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
         dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
-    return dit, report
+    return report
 
 
 @dataclass
