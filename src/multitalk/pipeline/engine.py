@@ -6,7 +6,7 @@ component through its streaming loader. An engine is loaded once and reused for 
 (the CLI loads one per run; the service's worker keeps one for its lifetime).
 
 LoRAs (``EngineConfig.loras``) are merged into the DiT right after it is loaded and before fp8
-quantisation, compile and offload (:func:`load_dit`), so they cost nothing per step.
+quantisation, compile and offload (:func:`prepare_dit`), so they cost nothing per step.
 :meth:`Engine.use_loras` switches a loaded engine to another LoRA set (the service, per job).
 """
 
@@ -85,24 +85,25 @@ def load_dit(config: EngineConfig, ckpt_dir: Path, multitalk_dir: Path | None, a
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
     dit = load_transformer(ckpt_dir, multitalk_dir, arch, device=home, dtype=dtype)
-    dit.eval().requires_grad_(False)
     timings["transformer"] = time.perf_counter() - t0
     log.info("loaded transformer in %.1fs", timings["transformer"])
-    report = prepare_dit(dit, config, device)
-    if config.loras:
-        timings["lora_read"], timings["lora_merge"] = report.read_s, report.merge_s
+    report = prepare_dit(dit, config, device, timings)
     return dit, report
 
 
-def prepare_dit(dit: torch.nn.Module, config: EngineConfig, device: torch.device) -> LoraReport:
-    """What the engine does to a freshly loaded DiT, in this order: ``config.loras`` merged (float32
-    sums on ``device``), fp8, the attention backend, compile. Merge first, quantise after.
-
-    (The benchmark applies it to its random-weight DiT, so it measures the production path.)
+def prepare_dit(dit: torch.nn.Module, config: EngineConfig, device: torch.device,
+                timings: dict | None = None) -> LoraReport:
+    """What the engine does to a freshly built DiT, in this order: ``config.loras`` merged (float32
+    sums on ``device``), fp8, the attention backend, and on CUDA (or with ``compile=True``) the fused
+    DiT operations and the blocks' regional compile (skipped where already compiled). Merge first,
+    quantise after: a LoRA costs nothing per step.
     """
     from multitalk.models.lora import apply_loras
 
+    dit.eval().requires_grad_(False)
     report = apply_loras(dit, config.loras, compute_device=device)
+    if config.loras and timings is not None:
+        timings["lora_read"], timings["lora_merge"] = report.read_s, report.merge_s
     if config.fp8:
         from multitalk.runtime.fp8 import quantize_linears_fp8
 
@@ -113,7 +114,8 @@ def prepare_dit(dit: torch.nn.Module, config: EngineConfig, device: torch.device
         from multitalk.runtime.dit_fusion import fuse_dit
 
         fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
-        dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
+        if not _blocks_compiled(dit):
+            dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
     return report
 
 
@@ -129,7 +131,7 @@ class Engine:
     dtype: torch.dtype
     placement: Placement
     load_seconds: dict = field(default_factory=dict)
-    config: EngineConfig | None = None      # how it was loaded (None: built from components)
+    config: EngineConfig | None = None      # the runtime choices it was built with
     lora_report: LoraReport = field(default_factory=LoraReport)  # the LoRAs merged into the DiT
 
     @classmethod
@@ -137,6 +139,7 @@ class Engine:
         from multitalk.models.audio_encoder import AudioEncoder
         from multitalk.models.image_encoder import ImageEncoder
         from multitalk.models.text_encoder import TextEncoder
+        from multitalk.models.transformer import load_transformer
         from multitalk.models.vae import WanVAE
 
         ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
@@ -145,10 +148,8 @@ class Engine:
         dtype = resolve_dtype(config.dtype, device)
         vae_dtype = resolve_dtype(config.vae_dtype, device)
         arch = detect_architecture(ckpt_dir)
-        placement = Placement(device, offload=config.offload)
-        configure_backends(device)
         # With offload, models live on the CPU and are onloaded per use.
-        home = torch.device("cpu") if placement.offload else device
+        home = torch.device("cpu") if config.offload and device.type != "cpu" else device
         timings = {}
 
         def timed(name, fn):
@@ -162,12 +163,33 @@ class Engine:
         image = timed("image_encoder", lambda: ImageEncoder.from_checkpoint(ckpt_dir, arch, device=home, dtype=dtype))
         vae = timed("vae", lambda: WanVAE.from_checkpoint(ckpt_dir, arch, device=home, dtype=vae_dtype))
         audio = timed("audio_encoder", lambda: AudioEncoder.from_pretrained(w2v_dir, device=home, dtype=torch.float32))
-        dit, lora_report = load_dit(config, ckpt_dir, mt_dir, arch, device, dtype, home, timings)
+        dit = timed("transformer", lambda: load_transformer(ckpt_dir, mt_dir, arch, device=home, dtype=dtype))
+        return cls.from_components(arch, text_encoder=text, image_encoder=image, vae=vae, audio_encoder=audio,
+                                   transformer=dit, config=config, load_seconds=timings)
+
+    @classmethod
+    def from_components(cls, arch: Architecture, *, text_encoder, image_encoder, vae, audio_encoder,
+                        transformer: torch.nn.Module, config: EngineConfig | None = None,
+                        load_seconds: dict | None = None) -> "Engine":
+        """An engine around models already built (by :meth:`load`, or the benchmark's random
+        full-size ones), with ``config``'s runtime choices applied as :meth:`load` applies them:
+        device placement, backend settings, the DiT prepared by :func:`prepare_dit` (``config.loras``
+        merged, fp8, attention backend, on CUDA or with ``compile=True`` the fused DiT operations and
+        the blocks' regional compile) and the fused VAE. Each of these is skipped where the model
+        already has it (a DiT compiled beforehand is not compiled again)."""
+        config = config or EngineConfig()
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        placement = Placement(device, offload=config.offload)
+        configure_backends(device)
+        load_seconds = load_seconds if load_seconds is not None else {}
+        lora_report = prepare_dit(transformer, config, device, load_seconds)
         if config.compile or (config.compile is None and device.type == "cuda"):
             from multitalk.runtime.vae_fusion import fuse_vae
 
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
-        return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings, config, lora_report)
+        return cls(arch, text_encoder, image_encoder, vae, audio_encoder, transformer, device, dtype, placement,
+                   load_seconds, config, lora_report)
 
     def use_loras(self, loras: Sequence[LoraSpec]) -> bool:
         """Make ``loras`` (files, scales, order) the LoRAs merged into the DiT; True if it was reloaded.
@@ -183,12 +205,12 @@ class Engine:
         wanted = lora_signature(loras)
         if self.transformer is not None and wanted == self.lora_report.signature:
             return False
-        if self.config is None:
+        if self.config is None or (self.config.preset is None and self.config.ckpt_dir is None):
             raise RuntimeError("this engine was built from components and cannot reload its DiT for other LoRAs")
         config = replace(self.config, loras=loras)
         config.check_loras()
         ckpt_dir, _, mt_dir = config.resolved_dirs()
-        home = torch.device("cpu") if self.placement.offload else self.device
+        home = torch.device("cpu") if self.placement.offload and self.device.type != "cpu" else self.device
         self.transformer, self.lora_report = None, LoraReport()
         gc.collect()
         if self.device.type == "cuda":
@@ -201,3 +223,8 @@ class Engine:
         self.load_seconds.update({f"reload_{k}": v for k, v in timings.items()})
         log.info("DiT reloaded for %d LoRA file(s) in %.1fs", len(loras), time.perf_counter() - t0)
         return True
+
+
+def _blocks_compiled(dit: torch.nn.Module) -> bool:
+    """Whether the DiT's blocks are already compiled (``nn.Module.compile`` keeps the compiled call)."""
+    return any(getattr(block, "_compiled_call_impl", None) is not None for block in getattr(dit, "blocks", []))
