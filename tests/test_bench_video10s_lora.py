@@ -1,7 +1,7 @@
 """CPU smoke test of the benchmark's ``video10s_lora`` section (``bench.py --tiny-cpu --sections video10s_lora``).
 
 Runs the real section on the TINY architecture: a random official-format LoRA is written, then read,
-checked and merged by ``Engine.from_components`` (``engine.prepare_dit``), a warm-up clip and the
+checked and merged by ``Engine.from_components`` (``engine.prepare_dit``), and the
 streaming two-speaker video run with ``recipe=lightx2v``. Checks the JSON keys the GPU report must
 carry and that the figures follow from what ran (forwards = clips x 4 steps x 2 passes, the 40x3
 estimate from the measured forward).

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from multitalk.models.architecture import TINY
 from multitalk.models.lora import LoraError, LoraSpec, random_official_lora
-from multitalk.pipeline.engine import Engine, EngineConfig
+from multitalk.pipeline.engine import Engine, EngineConfig, load_dit
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +84,16 @@ def test_loras_merge_before_fp8_quantisation(home, loras):
     fp8.use_loras([LoraSpec(loras["a"], 1.0)])
     merged_then_quantised = fp8.transformer.get_submodule(names[0]).weight_fp8.float()
     # the reference: merge into the float32 weights, then quantise
-    plain = Engine.load(_config(loras=(LoraSpec(loras["a"], 1.0),)))
     from multitalk.runtime.fp8 import Fp8Linear
 
-    want = Fp8Linear(plain.transformer.get_submodule(names[0])).weight_fp8.float()
+    def reference_dit(loras_):
+        config = _config(loras=loras_)
+        ckpt, _, mt = config.resolved_dirs()
+        cpu = torch.device("cpu")
+        return load_dit(config, ckpt, mt, fp8.arch, cpu, torch.float32, cpu)[0]
+
+    want = Fp8Linear(reference_dit((LoraSpec(loras["a"], 1.0),)).get_submodule(names[0])).weight_fp8.float()
     assert torch.equal(merged_then_quantised, want)
     fp8.use_loras([])
     back = fp8.transformer.get_submodule(names[0]).weight_fp8.float()
-    assert torch.equal(back, Fp8Linear(Engine.load(_config()).transformer.get_submodule(names[0])).weight_fp8.float())
+    assert torch.equal(back, Fp8Linear(reference_dit(()).get_submodule(names[0])).weight_fp8.float())

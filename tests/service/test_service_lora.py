@@ -1,8 +1,8 @@
 """``params.loras`` through the service with the REAL pipeline (tiny preset, CPU) and a real S3 (moto).
 
 * A job without LoRA after a job with one gives exactly the video of a job that never saw a LoRA
-  (the worker's engine switches LoRA sets per job and never keeps a merge it was not asked for).
-* A LoRA on S3 is fetched once: the next job with the same URI uses the kept copy (by content hash).
+  (the worker's engine switches LoRA sets per job and never keeps a merge it was not asked for);
+  the LoRA comes from S3 and is kept by content hash (``test_lora_cache.py``: fetched once).
 * A bad LoRA already on the server (upload) is a 422 at submission naming the field, the key and both
   shapes; one on S3 fails its job as ``bad_input`` with the same message, and the worker keeps serving.
 """
@@ -44,9 +44,14 @@ def inputs(tmp_path_factory):
             "style": d / "style.safetensors", "wrong": d / "for_1.3b.safetensors"}
 
 
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("multitalk-home")  # the tiny weights are written here once
+
+
 @pytest.fixture
-def service(make_service, moto, monkeypatch, tmp_path, inputs):
-    monkeypatch.setenv("MULTITALK_HOME", str(tmp_path / "home"))
+def service(make_service, moto, monkeypatch, home, inputs):
+    monkeypatch.setenv("MULTITALK_HOME", str(home))
     monkeypatch.setattr(service_support, "RUNNER", PIPELINE)
     fs = moto.fs()
     for name in ("image", "person1", "style", "wrong"):
@@ -80,34 +85,11 @@ def _frames(svc, job) -> np.ndarray:
         return np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)])
 
 
-def test_no_job_inherits_a_merge_and_s3_loras_are_fetched_once(service, inputs):
+def test_loras_per_job_no_merge_inherited_bad_loras_refused(service, inputs):
     svc = service
-    worker, runner = svc.service.worker, svc.runner
-    pristine = _frames(svc, _run(svc, _body(inputs)))
-    dit_before = runner.engine.transformer
+    runner = svc.runner
 
-    with_lora = _frames(svc, _run(svc, _body(inputs, [{"uri": _s3(inputs, "style"), "scale": 1.0}])))
-    assert not np.array_equal(with_lora, pristine)               # the LoRA changes the video
-    assert runner.engine.transformer is not dit_before            # merged into a fresh DiT
-    assert [f["scale"] for f in runner.engine.lora_report.files] == [1.0]
-
-    after = _frames(svc, _run(svc, _body(inputs)))
-    assert np.array_equal(after, pristine)                        # nothing inherited
-
-    again = _frames(svc, _run(svc, _body(inputs, [{"uri": _s3(inputs, "style"), "scale": 1.0}])))
-    assert np.array_equal(again, with_lora)
-    assert worker.lora_cache.downloads == 1                       # fetched once, then the kept copy
-    kept = sorted(p.name for p in (svc.config.data_dir / "loras").glob("*.safetensors"))
-    assert len(kept) == 1 and len(kept[0]) == 64 + len(".safetensors")   # stored by content hash
-
-    # the same set twice in a row: no reload at all
-    dit = runner.engine.transformer
-    _frames(svc, _run(svc, _body(inputs, [{"uri": _s3(inputs, "style"), "scale": 1.0}])))
-    assert runner.engine.transformer is dit
-
-
-def test_bad_loras_are_refused_or_fail_as_bad_input(service, inputs):
-    svc = service
+    # a bad LoRA already on the server: refused at submission, naming the field, key and shapes
     wrong = svc.upload(inputs["wrong"])
     r = svc.client.post("/v1/jobs", json=_body(inputs, [{"uri": _s3(inputs, "style")}, {"uri": wrong}]))
     assert r.status_code == 422, r.text
@@ -115,7 +97,6 @@ def test_bad_loras_are_refused_or_fail_as_bad_input(service, inputs):
     assert problem["loc"] == ["body", "params", "loras", 1, "uri"], problem
     for words in ("does not fit this model", "model shape (64, 64)", "LoRA shape (96, 96)", "key diffusion_model."):
         assert words in problem["msg"], problem
-
     for loras in ([{"uri": _s3(inputs, "style"), "scale": float("nan")}], [{"uri": "ftp://example.com/x.safetensors"}],
                   [{"uri": _s3(inputs, "style"), "weight": 1.0}]):
         r = svc.client.post("/v1/jobs", content=json.dumps(_body(inputs, loras)),  # NaN as the JSON literal
@@ -123,10 +104,22 @@ def test_bad_loras_are_refused_or_fail_as_bad_input(service, inputs):
         assert r.status_code == 422, (loras, r.text)
         assert r.json()["detail"][0]["loc"][:4] == ["body", "params", "loras", 0], r.text
 
-    job = _run(svc, _body(inputs, [{"uri": _s3(inputs, "wrong"), "scale": 0.8}]))   # only the worker can see it
+    pristine = _frames(svc, _run(svc, _body(inputs)))
+    dit_before = runner.engine.transformer
+    with_lora = _frames(svc, _run(svc, _body(inputs, [{"uri": _s3(inputs, "style"), "scale": 1.0}])))
+    assert not np.array_equal(with_lora, pristine)               # the LoRA changes the video
+    assert runner.engine.transformer is not dit_before            # merged into a fresh DiT
+    assert [f["scale"] for f in runner.engine.lora_report.files] == [1.0]
+    kept = sorted(p.name for p in (svc.config.data_dir / "loras").glob("*.safetensors"))
+    assert len(kept) == 1 and len(kept[0]) == 64 + len(".safetensors")   # kept by content hash
+
+    # a bad LoRA on S3: only the worker can see it; the job fails as bad_input, once
+    job = _run(svc, _body(inputs, [{"uri": _s3(inputs, "wrong"), "scale": 0.8}]))
     assert job["status"] == "failed" and job["attempts"] == 1, job
     err = job["error"]
     assert err["code"] == "bad_input" and err["field"] == "params.loras.0.uri", err
     assert "LoRA shape (96, 96)" in err["message"] and "model shape (64, 64)" in err["message"], err
-    good = _run(svc, _body(inputs))                                                  # and keeps serving
-    assert good["status"] == "succeeded", good["error"]
+
+    # the worker keeps serving, and a job without LoRA is exactly the pristine one: nothing inherited
+    after = _frames(svc, _run(svc, _body(inputs)))
+    assert np.array_equal(after, pristine)
