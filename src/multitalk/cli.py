@@ -359,7 +359,8 @@ def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
 def serve(
     host: str = _opt("127.0.0.1", "--host", help="Bind address (non-loopback needs MULTITALK_API_TOKENS)."),
     port: int = _opt(8000, "--port", help="TCP port."),
-    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="Job store, uploads and outputs."),
+    data_dir: Optional[Path] = _opt(None, "--data-dir", help="Uploads, outputs and the SQLite job store (default: MULTITALK_DATA_DIR or multitalk-data)."),
+    db: Optional[str] = _opt(None, "--db", help="Job store: postgresql://user:pass@host/db to share one queue between machines (default: MULTITALK_DB or SQLite in --data-dir)."),
     preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
     multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
@@ -376,14 +377,15 @@ def serve(
         from multitalk.service.cli_commands import serve as serve_api
 
         opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
-        serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts)
+        serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts, db=db)
 
     _run_guarded(run)
 
 
 @app.command()
 def worker(
-    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="The same data dir as the server's."),
+    data_dir: Optional[Path] = _opt(None, "--data-dir", help="The same data dir as the server's (default: MULTITALK_DATA_DIR or multitalk-data)."),
+    db: Optional[str] = _opt(None, "--db", help="The server's job store: postgresql://... (default: MULTITALK_DB or SQLite in --data-dir)."),
     preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
     multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
@@ -401,7 +403,7 @@ def worker(
         from multitalk.service.cli_commands import worker as run_worker
 
         opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
-        n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs)
+        n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs, db=db)
         out.print(f"worker processed {n} jobs")
 
     _run_guarded(run)

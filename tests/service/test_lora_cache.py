@@ -25,7 +25,7 @@ def _cache(tmp_path, **kw) -> LoraCache:
 
 
 def test_s3_lora_fetched_once_and_again_when_it_changes(tmp_path, moto):
-    cache = _cache(tmp_path, s3_endpoint_url=moto.endpoint)
+    cache = _cache(tmp_path, s3_endpoint_url=moto.endpoint, s3_allow=("inputs",))
     fs = moto.fs()
     fs.pipe("inputs/style.safetensors", b"first version")
     path, digest = cache.get("params.loras.0.uri", "s3://inputs/style.safetensors")

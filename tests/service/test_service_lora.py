@@ -44,6 +44,11 @@ def inputs(tmp_path_factory):
             "style": d / "style.safetensors", "wrong": d / "for_1.3b.safetensors"}
 
 
+@pytest.fixture
+def db_kind():
+    return "sqlite"  # the LoRA path never touches the job store: one store is enough
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     return tmp_path_factory.mktemp("multitalk-home")  # the tiny weights are written here once

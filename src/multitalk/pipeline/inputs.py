@@ -74,6 +74,11 @@ def _problem(err: dict) -> tuple[str, str, str | None]:
     return field, msg, _FIXES.get(field.split(".")[0])
 
 
+def validation_fix(field: str) -> str | None:
+    """How to fix a bad value of a generation option or input field (None if nothing to say)."""
+    return _FIXES.get(field.split(".")[0])
+
+
 def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
     """``(dotted field, message)`` per pydantic error (``loc`` joined with dots)."""
     return [_problem(err)[:2] for err in exc.errors()]
@@ -261,7 +266,7 @@ class GenerationParams(BaseModel):
     (the service switches its loaded engine to them; the CLI gives them to ``Engine.load``).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     size: Literal["multitalk-480", "multitalk-720", "preview"] = "multitalk-480"  # aspect-ratio bucket table
     frame_num: int = 81            # frames per clip, 4n+1
@@ -274,8 +279,8 @@ class GenerationParams(BaseModel):
         "text_guide_scale", "sample_text_guide_scale"))
     audio_guide_scale: float = Field(4.0, ge=0, validation_alias=AliasChoices(
         "audio_guide_scale", "sample_audio_guide_scale"))
-    seed: int = Field(42, ge=-1, validation_alias=AliasChoices(
-        "seed", "base_seed"))   # -1: a random seed is drawn at validation
+    seed: int = Field(42, ge=-1, le=2**63 - 1, validation_alias=AliasChoices(
+        "seed", "base_seed"))   # -1: a random seed is drawn at validation (seed_drawn)
     n_prompt: str = ""             # "" -> the official negative prompt
     use_teacache: bool = False
     teacache_thresh: float = Field(0.2, gt=0)
@@ -289,6 +294,7 @@ class GenerationParams(BaseModel):
     official_trim: bool = False    # reproduce the official final cut (see pipeline/clips.py)
     recipe: Literal["lightx2v", "fusionx"] | None = None  # few-step defaults (RECIPES)
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)  # merged in this order
+    _seed_drawn: bool = PrivateAttr(False)
 
     @model_validator(mode="before")
     @classmethod
@@ -315,7 +321,13 @@ class GenerationParams(BaseModel):
                                  f"({self.frame_num}) in streaming mode", _FIXES["motion_frame"])
         if self.seed < 0:
             self.seed = random.randint(0, 99_999_999)  # the official range
+            self._seed_drawn = True
         return self
+
+    @property
+    def seed_drawn(self) -> bool:
+        """True when ``seed`` was -1 and a random one was drawn."""
+        return self._seed_drawn
 
     @property
     def shift(self) -> float:

@@ -2,7 +2,8 @@
 
 ``LoraCache(storage, root, limit).get(field, uri)`` returns a local path and the file's SHA-256:
 
-* ``upload://`` and server-local files are used where they are (nothing is copied);
+* ``upload://`` and server-local files are used where they are (nothing is copied; ``Storage.fetch``
+  refuses what the caller may not read);
 * ``s3://`` and ``https://`` files are downloaded into ``root/<sha256>.safetensors``. Each URI
   remembers the hash and the object's version (S3 ETag + size, or the HEAD's ETag/Last-Modified +
   length); a later job with the same URI and version uses the kept file without downloading. Where
@@ -41,8 +42,8 @@ class LoraCache:
 
     def get(self, field: str, uri: str) -> tuple[Path, str]:
         """``(local path, sha256)`` of the LoRA at ``uri`` (UserInputError / StorageError as ``Storage.fetch``)."""
-        kind = self.storage._kind(field, uri)
-        if kind in ("upload", "local"):
+        kind = self.storage.locate(field, uri).kind
+        if kind in ("upload", "local", "output"):
             path = self.storage.fetch(field, uri, self.root / "incoming", limit=self.limit)
             return path, file_sha256(path)
         with self._lock:
