@@ -85,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--clip-steps", type=int, default=4)
     p.add_argument("--text-tokens", type=int, default=200, help="trimmed T5 context length")
-    p.add_argument("--attention", default=None,
-                   help="video10s_lora: EngineConfig.attention for the run (e.g. the 8-bit attention option)")
+    p.add_argument("--attention", default=None, choices=("sdpa", "int8", "auto"),
+                   help="video10s_lora: EngineConfig.attention (default: the engine's own, auto)")
     p.add_argument("--recipe", default="lightx2v", choices=("lightx2v", "fusionx"), help="video10s_lora: the recipe")
     p.add_argument("--lora-rank", type=int, default=32, help="video10s_lora: rank of the random LoRA")
     p.add_argument("--video-seconds", type=float, default=None,

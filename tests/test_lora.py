@@ -55,7 +55,7 @@ def _load_dit_with(golden, loras):
                           dtype="float32", compile=False, loras=tuple(loras))
     config.check_loras()
     cpu = torch.device("cpu")
-    return load_dit(config, ckpt, None, detect_architecture(ckpt), cpu, torch.float32, cpu)
+    return load_dit(config, ckpt, None, detect_architecture(ckpt), cpu, torch.float32, cpu)[:2]
 
 
 GOLDEN_RUNS = [("lora_a_scale1", None), ("lora_a_scale0.6", None), ("lora_a_then_b", None),

@@ -43,6 +43,8 @@ class EngineConfig:
     compile: bool | None = None        # regional torch.compile of the DiT blocks + fused VAE element-wise
                                        # chains (runtime.vae_fusion); None: on for CUDA
     attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
+    attention: str = "auto"            # DiT self-attention: "sdpa" (the attention backend, bf16), "int8"
+                                       # (runtime.attention_int8, Hopper), "auto": int8 on Hopper in bf16
     loras: tuple[LoraSpec, ...] = ()   # merged into the DiT at load, in this order (before fp8/compile)
 
     def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
@@ -78,8 +80,9 @@ class EngineConfig:
 
 def load_dit(config: EngineConfig, ckpt_dir: Path, multitalk_dir: Path | None, arch: Architecture,
              device: torch.device, dtype: torch.dtype, home: torch.device,
-             timings: dict | None = None) -> tuple[torch.nn.Module, LoraReport]:
-    """The DiT as the engine runs it: loaded on ``home``, then :func:`prepare_dit`."""
+             timings: dict | None = None) -> tuple[torch.nn.Module, LoraReport, str]:
+    """The DiT as the engine runs it: loaded on ``home``, then :func:`prepare_dit`;
+    ``(dit, LoRA report, self-attention installed)``."""
     from multitalk.models.transformer import load_transformer
 
     timings = {} if timings is None else timings
@@ -87,19 +90,22 @@ def load_dit(config: EngineConfig, ckpt_dir: Path, multitalk_dir: Path | None, a
     dit = load_transformer(ckpt_dir, multitalk_dir, arch, device=home, dtype=dtype)
     timings["transformer"] = time.perf_counter() - t0
     log.info("loaded transformer in %.1fs", timings["transformer"])
-    report = prepare_dit(dit, config, device, timings)
-    return dit, report
+    report, attention = prepare_dit(dit, config, device, dtype, timings)
+    return dit, report, attention
 
 
-def prepare_dit(dit: torch.nn.Module, config: EngineConfig, device: torch.device,
-                timings: dict | None = None) -> LoraReport:
+def prepare_dit(dit: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                timings: dict | None = None) -> tuple[LoraReport, str]:
     """What the engine does to a freshly built DiT, in this order: ``config.loras`` merged (float32
-    sums on ``device``), fp8, the attention backend, and on CUDA (or with ``compile=True``) the fused
-    DiT operations and the blocks' regional compile (skipped where already compiled). Merge first,
-    quantise after: a LoRA costs nothing per step.
+    sums on ``device``), fp8, the attention backend, the 8-bit self-attention (``config.attention``),
+    and on CUDA (or with ``compile=True``) the fused DiT operations and the blocks' regional compile
+    (skipped where already compiled). Merge first, quantise after: a LoRA costs nothing per step.
+    Returns the LoRA report and the self-attention installed (``"sdpa"`` / ``"int8"``).
     """
     from multitalk.models.lora import apply_loras
+    from multitalk.runtime.attention_int8 import select_self_attention
 
+    attention = select_self_attention(config.attention, device, dtype)
     dit.eval().requires_grad_(False)
     report = apply_loras(dit, config.loras, compute_device=device)
     if config.loras and timings is not None:
@@ -110,13 +116,17 @@ def prepare_dit(dit: torch.nn.Module, config: EngineConfig, device: torch.device
         quantize_linears_fp8(dit)
     if config.attention_backend:
         dit.set_attention_backend(config.attention_backend)
+    if attention == "int8":
+        from multitalk.runtime.attention_int8 import enable_int8_self_attention
+
+        enable_int8_self_attention(dit, device=device)  # int8 Q·Kᵀ + bf16 P·V Triton kernel in every block's self-attention
     if config.compile or (config.compile is None and device.type == "cuda"):
         from multitalk.runtime.dit_fusion import fuse_dit
 
         fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
         if not _blocks_compiled(dit):
             dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
-    return report
+    return report, attention
 
 
 @dataclass
@@ -131,6 +141,7 @@ class Engine:
     dtype: torch.dtype
     placement: Placement
     load_seconds: dict = field(default_factory=dict)
+    attention: str = "sdpa"            # the self-attention installed: "sdpa" or "int8"
     config: EngineConfig | None = None      # the runtime choices it was built with
     lora_report: LoraReport = field(default_factory=LoraReport)  # the LoRAs merged into the DiT
 
@@ -141,11 +152,13 @@ class Engine:
         from multitalk.models.text_encoder import TextEncoder
         from multitalk.models.transformer import load_transformer
         from multitalk.models.vae import WanVAE
+        from multitalk.runtime.attention_int8 import select_self_attention
 
-        ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
-        config.check_loras()  # a bad LoRA file fails before any model is read
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        select_self_attention(config.attention, device, dtype)  # a bad choice fails before any file is touched
+        ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
+        config.check_loras()  # a bad LoRA file fails before any model is read
         vae_dtype = resolve_dtype(config.vae_dtype, device)
         arch = detect_architecture(ckpt_dir)
         # With offload, models live on the CPU and are onloaded per use.
@@ -174,22 +187,23 @@ class Engine:
         """An engine around models already built (by :meth:`load`, or the benchmark's random
         full-size ones), with ``config``'s runtime choices applied as :meth:`load` applies them:
         device placement, backend settings, the DiT prepared by :func:`prepare_dit` (``config.loras``
-        merged, fp8, attention backend, on CUDA or with ``compile=True`` the fused DiT operations and
-        the blocks' regional compile) and the fused VAE. Each of these is skipped where the model
-        already has it (a DiT compiled beforehand is not compiled again)."""
+        merged, fp8, attention backend, the 8-bit self-attention (``config.attention``), on CUDA or
+        with ``compile=True`` the fused DiT operations and the blocks' regional compile) and the
+        fused VAE. Each of these is skipped where the model already has it (a DiT compiled beforehand
+        is not compiled again)."""
         config = config or EngineConfig()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         placement = Placement(device, offload=config.offload)
         configure_backends(device)
         load_seconds = load_seconds if load_seconds is not None else {}
-        lora_report = prepare_dit(transformer, config, device, load_seconds)
+        lora_report, attention = prepare_dit(transformer, config, device, dtype, load_seconds)
         if config.compile or (config.compile is None and device.type == "cuda"):
             from multitalk.runtime.vae_fusion import fuse_vae
 
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
         return cls(arch, text_encoder, image_encoder, vae, audio_encoder, transformer, device, dtype, placement,
-                   load_seconds, config, lora_report)
+                   load_seconds, attention=attention, config=config, lora_report=lora_report)
 
     def use_loras(self, loras: Sequence[LoraSpec]) -> bool:
         """Make ``loras`` (files, scales, order) the LoRAs merged into the DiT; True if it was reloaded.
@@ -217,8 +231,8 @@ class Engine:
             torch.cuda.empty_cache()
         timings: dict = {}
         t0 = time.perf_counter()
-        self.transformer, self.lora_report = load_dit(config, ckpt_dir, mt_dir, self.arch, self.device, self.dtype,
-                                                      home, timings)
+        self.transformer, self.lora_report, self.attention = load_dit(config, ckpt_dir, mt_dir, self.arch,
+                                                                      self.device, self.dtype, home, timings)
         self.config = config
         self.load_seconds.update({f"reload_{k}": v for k, v in timings.items()})
         log.info("DiT reloaded for %d LoRA file(s) in %.1fs", len(loras), time.perf_counter() - t0)
