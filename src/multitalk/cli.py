@@ -3,6 +3,11 @@
 Every option of the official ``generate_multitalk.py`` is accepted with its own name (``--frame_num``)
 and the dashed spelling (``--frame-num``), with the same meaning. Bad input prints one line naming
 the field and the fix and exits with code 2; ``--debug`` shows the traceback.
+
+``--lora_dir`` and ``--lora_scale`` take several values as the official ``nargs='+'`` options do
+(``--lora_dir a.safetensors b.safetensors --lora_scale 1.0 0.5``) and may also be repeated; click has
+no ``nargs='+'``, so :func:`expand_multi_value_options` rewrites the first form into the second
+before parsing.
 """
 
 from __future__ import annotations
@@ -15,10 +20,59 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from multitalk.errors import CheckpointError, MemoryPlanError, MultiTalkError, UserInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# options that take one or more values (official argparse nargs='+'): name -> value kind
+_MULTI_VALUE = {"--lora_dir": "path", "--lora-dir": "path", "--lora_scale": "number", "--lora-scale": "number"}
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def expand_multi_value_options(args: list[str]) -> list[str]:
+    """``--lora_dir a b --lora_scale 1 0.5`` -> ``--lora_dir a --lora_dir b --lora_scale 1 --lora_scale 0.5``.
+
+    After such an option, further tokens are its values while they look like values: numbers for
+    ``--lora_scale``; for ``--lora_dir`` anything that is not an option and does not end in
+    ``.json`` (so ``--lora_dir a.safetensors example.json`` keeps ``example.json`` as INPUT_JSON).
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        out.append(token)
+        i += 1
+        if token == "--":
+            out.extend(args[i:])
+            break
+        kind = _MULTI_VALUE.get(token)
+        if kind is None or i >= len(args):
+            continue
+        out.append(args[i])  # the option's own value, whatever it looks like
+        i += 1
+        while i < len(args):
+            nxt = args[i]
+            more = _is_number(nxt) if kind == "number" else not (nxt.startswith("-") or nxt.lower().endswith(".json"))
+            if not more:
+                break
+            out += [token, nxt]
+            i += 1
+    return out
+
+
+class _Group(TyperGroup):
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, expand_multi_value_options(list(args)))
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
                   help="MultiTalk: lip-synced talking video from an image, speech and a prompt.")
 weights_app = typer.Typer(no_args_is_help=True, help="Inspect or create model weight folders.")
 app.add_typer(weights_app, name="weights")
@@ -59,8 +113,39 @@ def _opt(default, *names, help: str = "", **kw):
     return typer.Option(default, *names, help=help, **kw)
 
 
+def _given(ctx: typer.Context | None, name: str) -> bool:
+    """Whether the option ``name`` was given on the command line (not its default)."""
+    if ctx is None:
+        return True
+    source = ctx.get_parameter_source(name)  # by name: typer may carry its own copy of click's enum
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def lora_specs(lora_dir: list | None, lora_scale: list | None) -> tuple:
+    """``--lora_dir`` / ``--lora_scale`` -> LoRA specs (one scale per file, 1.0 each by default)."""
+    from multitalk.models.lora import LoraSpec, check_scale
+
+    files = list(lora_dir or [])
+    scales = list(lora_scale or [])
+    if scales and not files:
+        raise UserInputError("lora_scale", "given without --lora_dir", "add --lora_dir FILE [FILE ...]")
+    if scales and len(scales) != len(files):
+        raise UserInputError("lora_scale", f"{len(scales)} scales for {len(files)} LoRA files",
+                             "give one --lora_scale per --lora_dir file, or none (1.0 each)")
+    scales = scales or [1.0] * len(files)
+    return tuple(LoraSpec(Path(f), check_scale(s, i)) for i, (f, s) in enumerate(zip(files, scales)))
+
+
+# recipe field -> the generate() parameter that sets it
+_RECIPE_OPTIONS = {"sample_steps": "sample_steps", "sample_shift": "sample_shift", "text_guide_scale": "text_scale",
+                   "audio_guide_scale": "audio_scale"}
+RECIPE_FILES = {"lightx2v": "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
+                "fusionx": "Wan2.1_I2V_14B_FusionX_LoRA.safetensors"}
+
+
 @app.command()
 def generate(
+    ctx: typer.Context,
     input_json: Optional[Path] = typer.Argument(None, help="Official input JSON (prompt, cond_image, cond_audio, audio_type, bbox)."),
     input_json_opt: Optional[Path] = _opt(None, "--input_json", "--input-json", help="Same as the positional INPUT_JSON."),
     image: Optional[Path] = _opt(None, "--image", help="Reference image (instead of a JSON)."),
@@ -80,8 +165,11 @@ def generate(
     mode: str = _opt("clip", "--mode", help="clip (one clip) or streaming (until the audio ends)."),
     sample_steps: int = _opt(40, "--sample_steps", "--sample-steps", help="Sampling steps."),
     sample_shift: Optional[float] = _opt(None, "--sample_shift", "--sample-shift", help="Flow shift (default 7 at 480p, 11 at 720p)."),
-    text_scale: float = _opt(5.0, "--sample_text_guide_scale", "--sample-text-guide-scale", help="Text guidance scale."),
-    audio_scale: float = _opt(4.0, "--sample_audio_guide_scale", "--sample-audio-guide-scale", help="Audio guidance scale."),
+    text_scale: float = _opt(5.0, "--sample_text_guide_scale", "--sample-text-guide-scale", help="Text guidance scale (1.0: 2 passes per step instead of 3)."),
+    audio_scale: float = _opt(4.0, "--sample_audio_guide_scale", "--sample-audio-guide-scale", help="Audio guidance scale (with text guide 1.0 too: 1 pass per step)."),
+    lora_dir: Optional[list[Path]] = _opt(None, "--lora_dir", "--lora-dir", help="LoRA .safetensors file(s), merged into the DiT at load, in order: --lora_dir A [B ...] (official, kohya or diffusers format)."),
+    lora_scale: Optional[list[float]] = _opt(None, "--lora_scale", "--lora-scale", help="Strength per --lora_dir file: --lora_scale 1.0 [0.5 ...] (default 1.0 each)."),
+    recipe: Optional[str] = _opt(None, "--recipe", help="Few-step defaults for a step-distillation LoRA: lightx2v (4 steps) or fusionx (8 steps); shift 2, text guide 1, audio guide 2. Options given explicitly win."),
     seed: int = _opt(42, "--base_seed", "--base-seed", "--seed", help="Random seed (same noise as the official code on the same device)."),
     n_prompt: str = _opt("", "--n_prompt", "--n-prompt", help="Negative prompt (default: the official one)."),
     use_teacache: bool = _opt(False, "--use_teacache", "--use-teacache", help="Skip DiT calls with TeaCache."),
@@ -131,12 +219,20 @@ def generate(
                 cond_audio["person2"] = str(audio2)
             spec = InputSpec.model_validate({"prompt": prompt or "", "cond_image": str(image),
                                              "cond_audio": cond_audio, "audio_type": audio_type})
+        options = dict(sample_steps=sample_steps, sample_shift=sample_shift, text_guide_scale=text_scale,
+                       audio_guide_scale=audio_scale)
+        if recipe is not None:  # the recipe's values for what the command line left at its defaults
+            options = {k: v for k, v in options.items() if _given(ctx, _RECIPE_OPTIONS[k])}
         params = GenerationParams.from_cli(
-            size=size, frame_num=frame_num, motion_frame=motion_frame, mode=mode, sample_steps=sample_steps,
-            sample_shift=sample_shift, text_guide_scale=text_scale, audio_guide_scale=audio_scale, seed=seed,
+            size=size, frame_num=frame_num, motion_frame=motion_frame, mode=mode, seed=seed, recipe=recipe,
             n_prompt=n_prompt, use_teacache=use_teacache, teacache_thresh=teacache_thresh, use_apg=use_apg,
             apg_momentum=apg_momentum, apg_norm_threshold=apg_norm_threshold,
-            color_correction_strength=color_correction_strength, max_frames=max_frames)
+            color_correction_strength=color_correction_strength, max_frames=max_frames, **options)
+        loras = lora_specs(lora_dir, lora_scale)
+        if params.recipe is not None and not loras:
+            err.print(f"[yellow]warning:[/] --recipe {params.recipe} without --lora_dir: {params.sample_steps} steps "
+                      f"of the base model give a blurred video (the recipe is made for "
+                      f"{RECIPE_FILES[params.recipe]})")
         if out_path is not None:
             target = out_path
         elif save_file is not None:
@@ -156,8 +252,8 @@ def generate(
 
         config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
                               preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                              compile=compile, attention=attention, weights=weights, fp8_matmul=fp8_matmul,
-                              max_vram_gib=max_vram, num_persistent_param_in_dit=persistent_params,
+                              compile=compile, attention=attention, loras=loras, weights=weights,
+                              fp8_matmul=fp8_matmul, max_vram_gib=max_vram, num_persistent_param_in_dit=persistent_params,
                               workload=workload_of(media, params))
         t0 = time.perf_counter()
         with err.status("loading models ..."):
@@ -166,6 +262,13 @@ def generate(
                   f"{engine.attention} attention)")
         if engine.plan is not None:
             err.print(engine.plan.summary(), highlight=False, soft_wrap=True)
+        for line in engine.lora_report.lines():
+            err.print(line, highlight=False)
+        from multitalk.pipeline.guidance import branch_names
+
+        passes = len(branch_names(params.text_guide_scale, params.audio_guide_scale))
+        err.print(f"sampling: {params.sample_steps} steps x {passes} model passes per clip (shift {params.shift:g}, "
+                  f"text guide {params.text_guide_scale:g}, audio guide {params.audio_guide_scale:g})", highlight=False)
         with ProgressView(console=err, enabled=not quiet) as view:
             result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
                             progress=view.update)
@@ -194,7 +297,7 @@ def demo(
 
         json_path = write_demo_inputs(workdir)
         err.print(f"demo inputs written to {json_path.parent}")
-        generate(input_json=json_path, input_json_opt=None, image=None, audio=None, audio2=None, prompt=None,
+        generate(ctx=None, input_json=json_path, input_json_opt=None, image=None, audio=None, audio2=None, prompt=None,
                  audio_type="add", out_path=out_path, save_file=None, ckpt_dir=None, multitalk_dir=None,
                  wav2vec_dir=None, preset="tiny", size=size, frame_num=frame_num,
                  motion_frame=motion_frame, mode="streaming", sample_steps=steps, sample_shift=None,
@@ -202,7 +305,7 @@ def demo(
                  use_apg=False, apg_momentum=-0.75, apg_norm_threshold=55.0, color_correction_strength=0.0,
                  max_frames=None, device="cpu", dtype="float32", offload=False, fp8=False, attention="sdpa", compile=False,
                  weights="auto", fp8_matmul=None, max_vram=None, persistent_params=None,
-                 save_tensor=None, quiet=False, debug=debug)
+                 save_tensor=None, quiet=False, debug=debug, lora_dir=None, lora_scale=None, recipe=None)
 
     _run_guarded(run)
 

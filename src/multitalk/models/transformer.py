@@ -585,6 +585,33 @@ def convert_dit_key(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Ten
     return [(key, tensor)]
 
 
+_TOP_LEVEL_INV = {ours: official for official, ours in _TOP_LEVEL.items()}
+_BLOCK_INV = {ours: official for official, ours in _BLOCK.items()}
+_PARAMS_INV = {ours: official for official, ours in _PARAMS.items()}
+
+
+def official_dit_key(key: str) -> str:
+    """This model's key -> the official key (the inverse of :func:`convert_dit_key`).
+
+    Keys without an official counterpart are returned unchanged.
+    """
+    if key in _PARAMS_INV:
+        return _PARAMS_INV[key]
+    parts = key.split(".")
+    if parts[0] == "blocks" and len(parts) >= 3 and parts[1].isdigit():
+        prefix, rest = f"blocks.{parts[1]}", parts[2:]
+        if rest == ["scale_shift_table"]:
+            return f"{prefix}.modulation"
+        module, leaf = ".".join(rest[:-1]), rest[-1]
+        if module in _BLOCK_INV and leaf in ("weight", "bias"):
+            return f"{prefix}.{_BLOCK_INV[module]}.{leaf}"
+        return key
+    module, _, leaf = key.rpartition(".")
+    if module in _TOP_LEVEL_INV and leaf in ("weight", "bias"):
+        return f"{_TOP_LEVEL_INV[module]}.{leaf}"
+    return key
+
+
 def keep_fp32(name: str) -> bool:
     """Parameters kept in float32 when loading in bf16/fp16 (matches ``_keep_in_fp32_modules``)."""
     return any(p in name for p in MultiTalkTransformer3DModel._keep_in_fp32_modules)
@@ -643,6 +670,6 @@ def check_transformer_keys(dit_cfg: DiTConfig, items) -> LoadReport:
 
 __all__ = [
     "AudioContext", "DiTState", "MultiTalkTransformer3DModel", "MultiTalkTransformerBlock", "build_transformer_on_meta",
-    "check_transformer_keys", "convert_dit_key", "keep_fp32", "load_transformer", "self_attention_processors",
-    "sinusoidal_embedding",
+    "check_transformer_keys", "convert_dit_key", "keep_fp32", "load_transformer", "official_dit_key",
+    "self_attention_processors", "sinusoidal_embedding",
 ]

@@ -4,19 +4,31 @@
 ``preset="tiny"``, the project's own small random weights in the same layout) and loads every
 component through its streaming loader. An engine is loaded once and reused for many generations
 (the CLI loads one per run; the service's worker keeps one for its lifetime).
+
+LoRAs (``EngineConfig.loras``) are merged into the DiT right after it is loaded and before fp8
+quantisation, compile and offload (:func:`prepare_dit`), so they cost nothing per step.
+:meth:`Engine.use_loras` switches a loaded engine to another LoRA set (the service, per job).
+
+The memory plan (``runtime.memory_plan``) is made before anything is loaded: the DiT blocks it
+streams load into host memory, the rest onto the GPU, models it keeps off the GPU onto the CPU;
+``--weights fp8`` quantises the block weights as they are read (after a LoRA merge when there are
+LoRAs); :meth:`Engine.apply_plan` installs the placement, :meth:`Engine.fit` re-plans for a job.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from multitalk.errors import UserInputError
 from multitalk.models.architecture import Architecture, detect_architecture
+from multitalk.models.lora import LoraReport, LoraSpec, check_loras, lora_signature
 from multitalk.runtime.memory_plan import MemoryPlan, Workload
 from multitalk.runtime.placement import Placement, configure_backends, resolve_device, resolve_dtype
 
@@ -45,6 +57,7 @@ class EngineConfig:
     attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
     attention: str = "auto"            # DiT self-attention: "sdpa" (the attention backend, bf16), "int8"
                                        # (runtime.attention_int8, Hopper), "auto": int8 on Hopper in bf16
+    loras: tuple[LoraSpec, ...] = ()   # merged into the DiT at load, in this order (before fp8/compile)
 
     def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
         if self.preset is not None:
@@ -67,6 +80,70 @@ class EngineConfig:
         return Path(self.ckpt_dir), Path(self.wav2vec_dir), (
             Path(self.multitalk_dir) if self.multitalk_dir else None)
 
+    def check_loras(self, loras: Sequence[LoraSpec] | None = None) -> None:
+        """Check LoRA files (keys, shapes; headers only) against this checkpoint's DiT, before loading it."""
+        from multitalk.models.transformer import build_transformer_on_meta
+
+        loras = self.loras if loras is None else loras
+        if loras:
+            ckpt_dir, _, _ = self.resolved_dirs()
+            check_loras(build_transformer_on_meta(detect_architecture(ckpt_dir).dit), loras)
+
+
+def load_dit(config: EngineConfig, ckpt_dir: Path, multitalk_dir: Path | None, arch: Architecture,
+             device: torch.device, dtype: torch.dtype, home: torch.device,
+             timings: dict | None = None, plan: MemoryPlan | None = None) -> tuple[torch.nn.Module, LoraReport, str]:
+    """The DiT as the engine runs it: loaded on ``home`` (with a ``plan``: its streamed blocks into
+    host memory, the rest onto ``device``), then :func:`prepare_dit`;
+    ``(dit, LoRA report, self-attention installed)``."""
+    from multitalk.models.transformer import load_transformer
+
+    timings = {} if timings is None else timings
+    quantizer = _load_quantizer(config)
+    t0 = time.perf_counter()
+    dit = load_transformer(ckpt_dir, multitalk_dir, arch, device=device if plan is not None else home, dtype=dtype,
+                           host_blocks=plan.streamed if plan is not None else (), transform=quantizer)
+    timings["transformer"] = time.perf_counter() - t0
+    log.info("loaded transformer in %.1fs", timings["transformer"])
+    report, attention = prepare_dit(dit, config, device, dtype, timings,
+                                    fp8_scales=quantizer.scales if quantizer else None)
+    return dit, report, attention
+
+
+def _load_quantizer(config: EngineConfig):
+    """``--weights fp8`` without LoRAs: quantise the block weights as they are read, so that neither
+    host nor device memory ever holds the whole DiT in bf16. With LoRAs the merge needs the bf16
+    weights: they load in bf16 and are quantised after the merge (:func:`prepare_dit`)."""
+    if _weights_format(config.weights) != "fp8" or config.loras:
+        return None
+    from multitalk.runtime.fp8 import LoadQuantizer
+
+    return LoadQuantizer()
+
+
+def prepare_dit(dit: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                timings: dict | None = None, fp8_scales: dict | None = None) -> tuple[LoraReport, str]:
+    """What the engine does to a freshly built DiT, in this order: ``config.loras`` merged (float32
+    sums on ``device``), fp8 weight storage (``config.weights``) or compute (``config.fp8``), the
+    attention backend, the 8-bit self-attention (``config.attention``), and on CUDA (or with
+    ``compile=True``) the fused DiT operations and the blocks' regional compile (skipped where
+    already compiled). Merge first, quantise after: a LoRA costs nothing per step.
+    Returns the LoRA report and the self-attention installed (``"sdpa"`` / ``"int8"``).
+    """
+    from multitalk.models.lora import apply_loras
+    from multitalk.runtime.attention_int8 import select_self_attention
+
+    attention = select_self_attention(config.attention, device, dtype)
+    dit.eval().requires_grad_(False)
+    report = apply_loras(dit, config.loras, compute_device=device)
+    if config.loras and timings is not None:
+        timings["lora_read"], timings["lora_merge"] = report.read_s, report.merge_s
+    compiled = bool(config.compile or (config.compile is None and device.type == "cuda"))
+    prepare_transformer(dit, device, dtype, weights=_weights_format(config.weights), fp8=config.fp8,
+                        fp8_matmul=config.fp8_matmul, attention_backend=config.attention_backend,
+                        attention=attention, compile=compiled, fp8_scales=fp8_scales)
+    return report, attention
+
 
 @dataclass
 class Engine:
@@ -81,8 +158,9 @@ class Engine:
     placement: Placement
     load_seconds: dict = field(default_factory=dict)
     attention: str = "sdpa"            # the self-attention installed: "sdpa" or "int8"
-    plan: MemoryPlan | None = None
-    config: EngineConfig | None = None
+    config: EngineConfig | None = None      # the runtime choices it was built with
+    lora_report: LoraReport = field(default_factory=LoraReport)  # the LoRAs merged into the DiT
+    plan: MemoryPlan | None = None     # where each model lives (None: where it was loaded)
     sizes: object = None               # runtime.memory_plan.ModelSizes the plan was made with
 
     @classmethod
@@ -96,8 +174,9 @@ class Engine:
 
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        attention = select_self_attention(config.attention, device, dtype)  # before any file is touched
+        select_self_attention(config.attention, device, dtype)  # a bad choice fails before any file is touched
         ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
+        config.check_loras()  # a bad LoRA file fails before any model is read
         vae_dtype = resolve_dtype(config.vae_dtype, device)
         arch = detect_architecture(ckpt_dir)
         weights = _weights_format(config.weights)
@@ -136,16 +215,10 @@ class Engine:
         audio = timed("audio_encoder", lambda: AudioEncoder.from_pretrained(w2v_dir, device=home("audio_encoder"),
                                                                              dtype=torch.float32))
         dit_home = device if plan is not None or not offload else torch.device("cpu")
-        # --weights fp8: the block linears are quantised as they are read, so that neither host nor
-        # device memory ever holds the whole DiT in bf16. (LoRAs, merged right after loading, need
-        # the bf16 weights: with them, load in bf16, merge, then quantise in prepare_transformer.)
-        from multitalk.runtime.fp8 import LoadQuantizer
-
-        quantizer = LoadQuantizer() if weights == "fp8" else None
+        quantizer = _load_quantizer(config)
         dit = timed("transformer", lambda: load_transformer(ckpt_dir, mt_dir, arch, device=dit_home, dtype=dtype,
                                                             host_blocks=plan.streamed if plan else (),
                                                             transform=quantizer))
-        dit.eval().requires_grad_(False)
         return cls.from_components(arch, text_encoder=text, image_encoder=image, vae=vae, audio_encoder=audio,
                                    transformer=dit, config=config, load_seconds=timings, plan=plan, sizes=sizes,
                                    fp8_scales=quantizer.scales if quantizer else None)
@@ -157,35 +230,67 @@ class Engine:
                         fp8_scales: dict | None = None) -> "Engine":
         """An engine around models already built (by :meth:`load`, or the benchmark's random
         full-size ones), with ``config``'s runtime choices applied as :meth:`load` applies them:
-        backend settings, fp8 weights / compute, attention backend, the 8-bit self-attention
-        (``config.attention``), and on CUDA (or with ``compile=True``) the fused DiT / VAE
-        operations and the DiT blocks' regional compile, then the memory ``plan``'s placement
-        (none: every model stays where it is). Each of these is skipped where the model already
-        has it (a DiT compiled beforehand is not compiled again)."""
-        from multitalk.runtime.attention_int8 import select_self_attention
-
+        backend settings, the DiT prepared by :func:`prepare_dit` (``config.loras`` merged, fp8
+        weights or compute, attention backend, the 8-bit self-attention (``config.attention``), on
+        CUDA or with ``compile=True`` the fused DiT operations and the blocks' regional compile), the
+        fused VAE, then the memory ``plan``'s placement (none: every model stays where it is). Each
+        of these is skipped where the model already has it (a DiT compiled beforehand is not
+        compiled again)."""
         config = config or EngineConfig()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        attention = select_self_attention(config.attention, device, dtype)
         placement = Placement(device, offload=config.offload)
         configure_backends(device)
-        dit = transformer.eval().requires_grad_(False)
-        compiled = bool(config.compile or (config.compile is None and device.type == "cuda"))
-        # (LoRAs are merged before this, into the bf16 weights: quantisation comes after the merge)
-        prepare_transformer(dit, device, dtype, weights=_weights_format(config.weights), fp8=config.fp8,
-                            fp8_matmul=config.fp8_matmul, attention_backend=config.attention_backend,
-                            attention=attention, compile=compiled, fp8_scales=fp8_scales)
-        if compiled:
+        load_seconds = load_seconds if load_seconds is not None else {}
+        lora_report, attention = prepare_dit(transformer, config, device, dtype, load_seconds, fp8_scales=fp8_scales)
+        if config.compile or (config.compile is None and device.type == "cuda"):
             from multitalk.runtime.vae_fusion import fuse_vae
 
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
-        engine = cls(arch, text_encoder, image_encoder, vae, audio_encoder, dit, device, dtype, placement,
-                     load_seconds if load_seconds is not None else {}, attention=attention, plan=plan,
-                     config=config, sizes=sizes)
+        engine = cls(arch, text_encoder, image_encoder, vae, audio_encoder, transformer, device, dtype, placement,
+                     load_seconds, attention=attention, config=config, lora_report=lora_report, plan=plan,
+                     sizes=sizes)
         if plan is not None:
             engine.apply_plan(plan)
         return engine
+
+    def use_loras(self, loras: Sequence[LoraSpec]) -> bool:
+        """Make ``loras`` (files, scales, order) the LoRAs merged into the DiT; True if it was reloaded.
+
+        The same set (by content hash and scale) as the one merged costs nothing. Another set
+        reloads the DiT through :func:`load_dit`, as :meth:`load` did: a merge is not undone in
+        place (a bf16 weight rounded after adding a delta is not restored by subtracting it, and an
+        fp8-quantised one has no bf16 copy left), so the next job never inherits the previous
+        job's merge. The new files are checked against the architecture first (a bad file keeps
+        the current DiT), and the old DiT is freed before the new one loads (never two on the GPU).
+        """
+        loras = tuple(LoraSpec.of(x) for x in loras)
+        wanted = lora_signature(loras)
+        if self.transformer is not None and wanted == self.lora_report.signature:
+            return False
+        if self.config is None or (self.config.preset is None and self.config.ckpt_dir is None):
+            raise RuntimeError("this engine was built from components and cannot reload its DiT for other LoRAs")
+        config = replace(self.config, loras=loras)
+        config.check_loras()
+        ckpt_dir, _, mt_dir = config.resolved_dirs()
+        home = torch.device("cpu") if self.placement.offload and self.device.type != "cpu" else self.device
+        if self.transformer is not None:
+            self.placement.forget(self.transformer)     # its pinned host copies and device slots go too
+        self.transformer, self.lora_report = None, LoraReport()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        timings: dict = {}
+        t0 = time.perf_counter()
+        self.transformer, self.lora_report, self.attention = load_dit(config, ckpt_dir, mt_dir, self.arch,
+                                                                      self.device, self.dtype, home, timings,
+                                                                      plan=self.plan)
+        self.config = config
+        if self.plan is not None:
+            self.apply_plan(self.plan)
+        self.load_seconds.update({f"reload_{k}": v for k, v in timings.items()})
+        log.info("DiT reloaded for %d LoRA file(s) in %.1fs", len(loras), time.perf_counter() - t0)
+        return True
 
     # -- memory ----------------------------------------------------------------------------------
 
@@ -206,7 +311,7 @@ class Engine:
         plan = self.plan
         if _covers(plan, workload):
             return plan
-        new = _plan_for(self.config, self.arch, self.device, self.sizes, plan.weights, _is_compiled(self.transformer),
+        new = _plan_for(self.config, self.arch, self.device, self.sizes, plan.weights, _blocks_compiled(self.transformer),
                         workload=workload, budget=plan.budget, source=plan.source)
         if new.streamed != plan.streamed or new.placement != plan.placement:
             log.info("re-planned for %s: %s", workload.describe(), new.summary())
@@ -243,7 +348,7 @@ def prepare_transformer(dit: torch.nn.Module, device: torch.device, dtype: torch
         from multitalk.runtime.dit_fusion import fuse_dit
 
         fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
-        if not _is_compiled(dit):
+        if not _blocks_compiled(dit):
             dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
 
 
@@ -256,7 +361,7 @@ def _weights_format(name: str | None) -> str:
     raise UserInputError("weights", f"unknown weight format {name!r}", "use --weights bf16 or --weights fp8")
 
 
-def _is_compiled(dit: torch.nn.Module) -> bool:
+def _blocks_compiled(dit: torch.nn.Module) -> bool:
     """Whether the DiT's blocks are already compiled (``nn.Module.compile`` keeps the compiled call)."""
     return any(getattr(b, "_compiled_call_impl", None) is not None for b in getattr(dit, "blocks", []))
 

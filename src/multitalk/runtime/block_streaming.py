@@ -268,6 +268,17 @@ class BlockStreamer:
         host.point(on_device)
         host.close()
 
+    def discard(self) -> None:
+        """Give the host copies and slots up without copying anything back (the model is being
+        thrown away, e.g. reloaded for other LoRAs)."""
+        self.end()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for host in self.host.values():
+            host.close()
+        self.host, self.order = {}, []
+
     def detach(self) -> None:
         """Remove hooks, make every streamed block resident on the device again, free the host copies."""
         self.end()

@@ -81,6 +81,9 @@ class _Resident:
     def release(self) -> None:
         pass
 
+    def discard(self) -> None:
+        pass
+
     host_bytes = 0
 
 
@@ -110,6 +113,10 @@ class _PerUse:
 
     def release(self) -> None:
         self.weights.release()
+
+    def discard(self) -> None:
+        self.weights.offload()
+        self.weights.host.close()
 
     @property
     def host_bytes(self) -> int:
@@ -163,6 +170,14 @@ class _Streamed:
         if self.other is not None:
             self.other.release()
 
+    def discard(self) -> None:
+        self.streamer.discard()
+        if not self.hooks:
+            self.module.block_streamer = None
+        if self.other is not None:
+            self.other.offload()
+            self.other.host.close()
+
     @property
     def host_bytes(self) -> int:
         return self.streamer.host_bytes + (self.other.nbytes if self.other is not None else 0)
@@ -196,6 +211,13 @@ class Placement:
     def kind(self, module: nn.Module) -> str | None:
         p = self.policy(module)
         return None if p is None else p.kind
+
+    def forget(self, module: nn.Module) -> None:
+        """Drop ``module``'s policy and what it holds (pinned host copies, device slots) without moving
+        anything back: the module is being thrown away."""
+        policy = self._policies.pop(id(module), None)
+        if policy is not None:
+            policy.discard()
 
     def set_policy(self, module: nn.Module, kind: str, *, blocks: nn.ModuleList | None = None,
                    prefix: str = "blocks.", streamed: Sequence[int] = (), prefetch: int = 1,

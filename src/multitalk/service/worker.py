@@ -36,6 +36,7 @@ from multitalk.errors import MemoryPlanError, UserInputError
 
 from .bounds import check_audio
 from .config import ServiceConfig
+from .lora_cache import LoraCache
 from .metrics import Metrics, process_metrics
 from .runner import JobCancelled, Runner
 from .storage import Storage, StorageError
@@ -84,6 +85,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.ready = threading.Event()
         self.load_error: str | None = None
+        self.lora_cache = LoraCache(storage, Path(config.data_dir) / "loras", config.max_lora_bytes)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -205,6 +207,15 @@ class Worker:
                     self.storage.fetch(f"cond_audio.{person}", uri, inputs))
         check_audio({f"cond_audio.{p}": Path(v) for p, v in req["cond_audio"].items() if v},
                     req.get("audio_type"), self.config)
+        params = req.get("params")
+        if isinstance(params, dict) and params.get("loras"):
+            loras, hashes = [], []
+            for i, item in enumerate(params["loras"]):
+                path, digest = self.lora_cache.get(f"params.loras.{i}.uri", item["uri"])
+                loras.append({**item, "uri": str(path)})
+                hashes.append(digest)
+            req["params"] = {**params, "loras": loras}
+            req["lora_sha256"] = hashes   # the runner need not hash the files again
         return req
 
     def _store_output(self, job: dict, out: dict) -> dict:
