@@ -132,3 +132,40 @@ def test_service_runner_fails_a_job_that_cannot_fit_and_serves_the_next(golden, 
     (tmp_path / "small").mkdir()
     out = runner.run({**request, "params": small}, tmp_path / "small", lambda p: None, lambda: False)
     assert out["frames"] == 5
+
+
+def test_lora_switch_keeps_the_plan_and_frees_the_old_blocks(golden, tmp_path):
+    """A job's LoRA set reloads the DiT: the new one is placed as the plan says (its blocks streamed
+    again), the old one's pinned copies are let go, and it computes what an unplanned engine with the
+    same LoRA computes, bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    from multitalk.models.lora import LoraSpec, random_official_lora
+
+    lora = tmp_path / "lora.safetensors"
+    save_file(random_official_lora(golden_dit_config(golden), rank=4, seed=5), str(lora))
+    v = load_file(str(golden / "vectors" / "dit_1person.safetensors"))
+
+    def forward(engine):
+        with torch.no_grad(), engine.placement.use(engine.transformer):
+            return engine.transformer(v["x"][None], v["t"], [v["context"]], v["clip_fea"], v["y"], v["audio"],
+                                      v["ref_target_masks"])
+
+    engine = Engine.load(_config(golden, num_persistent_param_in_dit=0))
+    old = engine.transformer
+    old_streamer = engine.placement.policy(old).streamer
+    assert engine.use_loras([LoraSpec(lora, 0.8)]) is True
+    assert engine.transformer is not old and engine.placement.policy(old) is None
+    assert old_streamer.host == {} and old.block_streamer is None
+    policy = engine.placement.policy(engine.transformer)
+    assert policy.kind == "streamed" and sorted(policy.streamer.host) == [0, 1]
+    streamed = forward(engine)
+    reference = Engine.load(_config(golden, loras=(LoraSpec(lora, 0.8),)))
+    assert reference.plan is None
+    assert torch.equal(streamed, forward(reference))
+
+
+def golden_dit_config(golden):
+    from multitalk.models.architecture import detect_architecture
+
+    return detect_architecture(golden / "weights" / "Wan2.1-I2V-tiny").dit
