@@ -234,7 +234,7 @@ class MemoryBench:
         gc.collect()
         torch.cuda.empty_cache()
         fraction = 1.0 if gib is None else min(1.0, gib * GIB / self.total_memory)
-        torch.cuda.set_per_process_memory_fraction(fraction, self.device)
+        torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device() if self.device.index is None else self.device.index)
 
     def ensure_weights(self, weights: str) -> None:
         """fp8 rows: every block back on the GPU (uncapped), then quantised there, once."""
