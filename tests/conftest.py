@@ -1,7 +1,8 @@
 """Shared test fixtures.
 
-Golden data (``../shared/golden`` beside the repository, or ``$MULTITALK_GOLDEN``) is used whenever
-present; tests that need it are skipped when it is absent (a user's clone), never in CI.
+Golden data (``../shared/golden`` beside the repository, or ``$MULTITALK_GOLDEN``) and the official
+examples (``../shared/examples``; ``$MULTITALK_SHARED`` moves both) are used whenever present; tests
+that need them are skipped when they are absent (a user's clone), never in CI (``$CI`` set).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ SHARED = _shared_dir()
 GOLDEN = Path(os.environ.get("MULTITALK_GOLDEN", SHARED / "golden"))
 EXAMPLES = SHARED / "examples"
 
-if os.environ.get("CI") and not GOLDEN.is_dir():
-    raise RuntimeError(f"CI run without golden data at {GOLDEN}")
+if os.environ.get("CI"):  # CI must run every test: missing shared data is an error there, not a skip
+    for _name, _path in (("golden data", GOLDEN), ("official examples", EXAMPLES)):
+        if not _path.is_dir():
+            raise RuntimeError(f"CI run without {_name} at {_path}")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -42,5 +42,9 @@ class CheckpointError(MultiTalkError, ValueError):
         super().__init__("; ".join(parts))
 
 
+class GenerationError(MultiTalkError):
+    """The generation itself went wrong (NaN or Inf in the latents or frames): nothing is written."""
+
+
 class JobCancelled(MultiTalkError):
     """A generation stopped because its caller asked it to (checked between sampling steps)."""

@@ -20,8 +20,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from multitalk.errors import UserInputError
-from multitalk.service.runner import JobCancelled
+from multitalk.errors import JobCancelled, UserInputError
 
 FPS = 25
 SR = 16000

@@ -30,31 +30,48 @@ class EngineConfig:
     preset: str | None = None          # "tiny": write (once) and load the project's tiny weights
     device: str = "auto"
     dtype: str = "auto"                # DiT / T5 / CLIP compute dtype; "auto": bf16 on CUDA, fp32 on CPU
-    vae_dtype: str = "auto"            # "auto": bf16 on CUDA (like the DiT), fp32 on CPU
+    vae_dtype: str = "auto"            # "auto": the same as ``dtype`` (float32 with --dtype float32)
     offload: bool = False              # onload each model only while it runs
     fp8: bool = False                  # fp8 row-wise linears in the DiT blocks (Hopper)
     compile: bool | None = None        # regional torch.compile of the DiT blocks + fused VAE element-wise
                                        # chains (runtime.vae_fusion); None: on for CUDA
     attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
 
-    def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
+    def check(self) -> tuple[torch.device, torch.dtype, torch.dtype]:
+        """Everything that can be checked without loading (folders, device, dtypes), as one-line
+        :class:`UserInputError` s; returns ``(device, dtype, vae_dtype)``."""
+        folders = (("ckpt_dir", self.ckpt_dir), ("wav2vec_dir", self.wav2vec_dir),
+                   ("multitalk_dir", self.multitalk_dir))
         if self.preset is not None:
             if self.preset != "tiny":
                 raise UserInputError("preset", f"unknown preset {self.preset!r}", "use --preset tiny")
+            given = [name for name, p in folders if p is not None]
+            if given:
+                raise UserInputError("preset", f"--preset tiny brings its own weights, so --{given[0]} would be "
+                                     "ignored", f"drop --preset to load the folders, or drop --{given[0]}")
+        else:
+            for name, p in folders:
+                if p is not None and not Path(p).is_dir():
+                    raise UserInputError(name, f"folder {p} does not exist", "check the path")
+            if self.ckpt_dir is None:
+                raise UserInputError("ckpt_dir", "no model folder given",
+                                     "pass --ckpt-dir Wan2.1-I2V-14B-480P (and --wav2vec-dir), or --preset tiny")
+            if self.wav2vec_dir is None:
+                raise UserInputError("wav2vec_dir", "no wav2vec2 folder given",
+                                     "pass --wav2vec-dir chinese-wav2vec2-base")
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device)
+        vae_dtype = (dtype if self.vae_dtype in (None, "", "auto")
+                     else resolve_dtype(self.vae_dtype, device, field="vae_dtype"))
+        return device, dtype, vae_dtype
+
+    def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
+        self.check()
+        if self.preset is not None:
             from multitalk.models.tiny import default_tiny_dir, write_tiny_checkpoints
 
             ckpt, w2v = write_tiny_checkpoints(default_tiny_dir())
             return Path(ckpt), Path(w2v), None
-        if self.ckpt_dir is None:
-            raise UserInputError("ckpt_dir", "no model folder given",
-                                 "pass --ckpt-dir Wan2.1-I2V-14B-480P (and --wav2vec-dir), or --preset tiny")
-        if self.wav2vec_dir is None:
-            raise UserInputError("wav2vec_dir", "no wav2vec2 folder given",
-                                 "pass --wav2vec-dir chinese-wav2vec2-base")
-        for name, p in (("ckpt_dir", self.ckpt_dir), ("wav2vec_dir", self.wav2vec_dir),
-                        ("multitalk_dir", self.multitalk_dir)):
-            if p is not None and not Path(p).is_dir():
-                raise UserInputError(name, f"folder {p} does not exist", "check the path")
         return Path(self.ckpt_dir), Path(self.wav2vec_dir), (
             Path(self.multitalk_dir) if self.multitalk_dir else None)
 
@@ -81,9 +98,7 @@ class Engine:
         from multitalk.models.vae import WanVAE
 
         ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        vae_dtype = resolve_dtype(config.vae_dtype, device)
+        device, dtype, vae_dtype = config.check()
         arch = detect_architecture(ckpt_dir)
         # With offload, models live on the CPU and are onloaded per use.
         home = torch.device("cpu") if config.offload and device.type != "cpu" else device
@@ -118,7 +133,7 @@ class Engine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         placement = Placement(device, offload=config.offload)
-        configure_backends(device)
+        configure_backends(device, float32=torch.float32 in (dtype, _vae_dtype(vae)))
         dit = transformer.eval().requires_grad_(False)
         if config.fp8:
             from multitalk.runtime.fp8 import quantize_linears_fp8
@@ -136,6 +151,11 @@ class Engine:
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
         return cls(arch, text_encoder, image_encoder, vae, audio_encoder, dit, device, dtype, placement,
                    load_seconds if load_seconds is not None else {})
+
+
+def _vae_dtype(vae) -> torch.dtype | None:
+    model = getattr(vae, "model", vae)
+    return next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else None
 
 
 def _blocks_compiled(dit: torch.nn.Module) -> bool:

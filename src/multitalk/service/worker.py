@@ -22,11 +22,11 @@ import traceback
 import uuid
 from pathlib import Path
 
-from multitalk.errors import UserInputError
+from multitalk.errors import JobCancelled, UserInputError
 
 from .config import ServiceConfig
 from .metrics import Metrics
-from .runner import JobCancelled, Runner
+from .runner import Runner
 from .schemas import job_document
 from .storage import Storage, StorageError
 from .store import JobStore
