@@ -31,10 +31,17 @@ SHARED = _shared_dir()
 GOLDEN = Path(os.environ.get("MULTITALK_GOLDEN", SHARED / "golden"))
 EXAMPLES = SHARED / "examples"
 
-if os.environ.get("CI"):  # CI must run every test: missing shared data is an error there, not a skip
-    for _name, _path in (("golden data", GOLDEN), ("official examples", EXAMPLES)):
-        if not _path.is_dir():
-            raise RuntimeError(f"CI run without {_name} at {_path}")
+
+
+def require_shared_data_in_ci(environ=os.environ, golden: Path = GOLDEN, examples: Path = EXAMPLES) -> None:
+    """CI must run every test: there, missing shared data is an error, not a skip."""
+    if environ.get("CI"):
+        for name, path in (("golden data", golden), ("official examples", examples)):
+            if not path.is_dir():
+                raise RuntimeError(f"CI run without {name} at {path}")
+
+
+require_shared_data_in_ci()
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -9,7 +9,6 @@ size (``compiled_extra``, variant ``attention``).
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace

@@ -1,20 +1,17 @@
-"""In CI, missing shared data fails the run instead of skipping the tests that need it."""
+"""In CI, missing shared data fails the run (conftest.py calls this at import) instead of skipping."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import require_shared_data_in_ci
 
 
-def test_ci_without_examples_fails_collection(tmp_path, golden):
-    # golden present, examples not: collecting one light module must fail, naming what is missing
-    env = {**os.environ, "CI": "1", "MULTITALK_SHARED": str(tmp_path), "MULTITALK_GOLDEN": str(golden)}
-    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                          str(REPO / "tests" / "test_packaging.py")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0
-    assert "CI run without official examples" in run.stdout + run.stderr
+def test_ci_without_examples_or_golden_fails(tmp_path):
+    present, missing = tmp_path, tmp_path / "missing"
+    with pytest.raises(RuntimeError, match="CI run without official examples"):
+        require_shared_data_in_ci({"CI": "1"}, golden=present, examples=missing)
+    with pytest.raises(RuntimeError, match="CI run without golden data"):
+        require_shared_data_in_ci({"CI": "true"}, golden=missing, examples=present)
+    require_shared_data_in_ci({"CI": "1"}, golden=present, examples=present)
+    require_shared_data_in_ci({}, golden=missing, examples=missing)     # a user's clone: tests skip

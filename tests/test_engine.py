@@ -28,7 +28,8 @@ def test_from_components_applies_the_config_once():
     assert all(c is not None for c in compiled)
     assert engine.vae.model._multitalk_fused == "eager"   # the VAE rewrite (eager kernels on CPU)
     # a DiT compiled beforehand (the benchmark's compile section) keeps its compiled blocks
-    again = Engine.from_components(TINY, **{**parts, "vae": engine.vae}, config=EngineConfig(device="cpu", compile=True))
+    again = Engine.from_components(TINY, **{**parts, "vae": engine.vae},
+                                   config=EngineConfig(device="cpu", compile=True))
     assert [block._compiled_call_impl for block in again.transformer.blocks] == compiled
 
 

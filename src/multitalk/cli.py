@@ -8,7 +8,6 @@ the field and the fix and exits with code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Optional

@@ -150,7 +150,8 @@ def _refuse_uncovered(name: str, box: Box, default: bool, rows: torch.Tensor, co
     raise UserInputError(
         "bbox", f"{name}: {what} {list(box)} covers no cell of the {grid[0]}x{grid[1]} grid that routes the "
         f"speech (after the {bucket[0]}x{bucket[1]} resize and crop, the cells are about {cell_h}x{cell_w} source "
-        f"pixels apart and sample rows {int(rows.min())}-{int(rows.max())}, columns {int(cols.min())}-{int(cols.max())})",
+        f"pixels apart and sample rows {int(rows.min())}-{int(rows.max())}, columns "
+        f"{int(cols.min())}-{int(cols.max())})",
         f"give a bbox per speaker, each at least {cell_h}x{cell_w} pixels (rows x columns) within those rows and "
         "columns" if default else f"make it at least {cell_h}x{cell_w} pixels (rows x columns), within those rows "
         "and columns")
