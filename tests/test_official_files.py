@@ -46,3 +46,21 @@ def test_header_reader(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read safetensors header") as e:
         of.read_safetensors_header(tmp_path / "bad.safetensors")
     assert e.value.file.endswith("bad.safetensors")
+
+
+def test_weights_check_reads_headers_only(tiny_ckpt_dir, tiny_wav2vec_dir, tmp_path):
+    """``multitalk weights check``: every component of the golden folders found, from the headers;
+    a shard whose header is broken is a reported problem naming the file, not a crash."""
+    import shutil
+
+    from multitalk.models.weights_check import check_folders
+
+    reports = check_folders([tiny_wav2vec_dir, tiny_ckpt_dir])
+    assert len(reports) == 5 and all(r.ok for r in reports), [r.summary() for r in reports]
+    broken = tmp_path / "Wan2.1-I2V-tiny"
+    shutil.copytree(tiny_ckpt_dir, broken)
+    shard = broken / of.shard_name(1, 2)
+    shard.write_bytes(b"\xff" * 8 + shard.read_bytes()[8:])
+    dit = next(r for r in check_folders([broken, tiny_wav2vec_dir]) if r.component == "transformer")
+    assert not dit.ok and "cannot read safetensors header" in dit.missing_files[0]
+    assert of.shard_name(1, 2) in dit.missing_files[0]

@@ -69,6 +69,8 @@ def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
+            if size > path.stat().st_size - 8:
+                raise ValueError(f"header length {size} runs past the end of the file")
             header = json.loads(f.read(size))
     except FileNotFoundError as exc:
         raise CheckpointError("weight file not found", file=str(path)) from exc
