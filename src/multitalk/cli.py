@@ -104,6 +104,7 @@ def generate(
     noise_device: str = _opt("engine", "--noise-device", "--noise_device", help="Where the seeded noise is drawn: engine (the official: per device) or cpu (the same video on any device)."),
     offload: bool = _opt(False, "--offload_model", "--offload-model", "--offload", help="Keep only the running model on the GPU."),
     fp8: bool = _opt(False, "--fp8", help="FP8 linears in the DiT (Hopper)."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa (bf16), int8 (8-bit Triton kernel, Hopper) or auto (int8 on Hopper in bf16)."),
     compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Regional torch.compile of the DiT blocks and fused VAE element-wise kernels (default: on for CUDA)."),
     save_tensor: Optional[Path] = _opt(None, "--save-tensor", "--save_tensor", help="Also store the float video as safetensors key 'video' (3,T,H,W)."),
     quiet: bool = _opt(False, "--quiet", "-q", help="No progress bars."),
@@ -120,6 +121,7 @@ def generate(
         from multitalk.ui.terminal import ProgressView
         from multitalk.pipeline.render import render
 
+        _check_attention(attention)
         json_path = input_json or input_json_opt
         if json_path is not None:
             spec, warnings = load_input_json(json_path)
@@ -156,8 +158,8 @@ def generate(
 
         config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
                               preset=preset, device=device, dtype=dtype, vae_dtype=vae_dtype, offload=offload,
-                              fp8=fp8, compile=compile)
-        config.check()  # folders, device and dtypes: before anything is decoded or loaded
+                              fp8=fp8, compile=compile, attention=attention)
+        config.check()  # folders, device, dtypes and attention: before anything is decoded or loaded
         target = check_output_path(target, field=field, stem=stem)
         if save_tensor is not None:
             check_output_path(save_tensor, field="save_tensor", suffix=None)
@@ -166,7 +168,7 @@ def generate(
         with err.status("loading models ..."):
             engine = Engine.load(config)
         _say(err, f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, "
-                  f"{engine.dtype})")
+                  f"{engine.dtype}, {engine.attention} attention)")
         with ProgressView(console=err, enabled=not quiet) as view:
             result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
                             progress=view.update)
@@ -202,7 +204,8 @@ def demo(
                  text_scale=5.0, audio_scale=4.0, seed=42, n_prompt="", use_teacache=False, teacache_thresh=0.2,
                  use_apg=False, apg_momentum=-0.75, apg_norm_threshold=55.0, color_correction_strength=0.0,
                  max_frames=None, device="cpu", dtype="float32", vae_dtype="auto", noise_device="engine",
-                 offload=False, fp8=False, compile=False, save_tensor=None, quiet=False, debug=debug)
+                 offload=False, fp8=False, attention="sdpa", compile=False, save_tensor=None, quiet=False,
+                 debug=debug)
 
     _run_guarded(run)
 
@@ -254,11 +257,20 @@ def weights_make_tiny(
     _run_guarded(run)
 
 
-def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype) -> dict:
+def _check_attention(attention: str) -> None:
+    """An unknown ``--attention`` is a one-line error before anything loads (the device check is Engine.load's)."""
+    from multitalk.runtime.attention_int8 import MODES_CLI
+
+    if attention not in MODES_CLI:
+        raise UserInputError("attention", f"unknown attention {attention!r}", f"use one of {', '.join(MODES_CLI)}")
+
+
+def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention="auto") -> dict:
     if preset is None and ckpt_dir is None:
         raise UserInputError("ckpt_dir", "no model weights given",
                              "pass --ckpt-dir and --wav2vec-dir (official folders), or --preset tiny")
-    opts = {"preset": preset, "device": device, "dtype": dtype}
+    _check_attention(attention)
+    opts = {"preset": preset, "device": device, "dtype": dtype, "attention": attention}
     for key, value in (("ckpt_dir", ckpt_dir), ("wav2vec_dir", wav2vec_dir), ("multitalk_dir", multitalk_dir)):
         if value is not None:
             opts[key] = str(value)
@@ -269,13 +281,15 @@ def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
 def serve(
     host: str = _opt("127.0.0.1", "--host", help="Bind address (non-loopback needs MULTITALK_API_TOKENS)."),
     port: int = _opt(8000, "--port", help="TCP port."),
-    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="Job store, uploads and outputs."),
+    data_dir: Optional[Path] = _opt(None, "--data-dir", help="Uploads, outputs and the SQLite job store (default: MULTITALK_DATA_DIR or multitalk-data)."),
+    db: Optional[str] = _opt(None, "--db", help="Job store: postgresql://user:pass@host/db to share one queue between machines (default: MULTITALK_DB or SQLite in --data-dir)."),
     preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
     multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
     wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """HTTP job API with one in-process worker (models loaded once)."""
@@ -285,15 +299,16 @@ def serve(
     def run():
         from multitalk.service.cli_commands import serve as serve_api
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
-        serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention)
+        serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts, db=db)
 
     _run_guarded(run)
 
 
 @app.command()
 def worker(
-    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="The same data dir as the server's."),
+    data_dir: Optional[Path] = _opt(None, "--data-dir", help="The same data dir as the server's (default: MULTITALK_DATA_DIR or multitalk-data)."),
+    db: Optional[str] = _opt(None, "--db", help="The server's job store: postgresql://... (default: MULTITALK_DB or SQLite in --data-dir)."),
     preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
     multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
@@ -301,6 +316,7 @@ def worker(
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
     max_jobs: Optional[int] = _opt(None, "--max-jobs", help="Exit after N jobs."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """An extra worker process against the server's job store."""
@@ -310,8 +326,8 @@ def worker(
     def run():
         from multitalk.service.cli_commands import worker as run_worker
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
-        n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention)
+        n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs, db=db)
         _say(out, f"worker processed {n} jobs")
 
     _run_guarded(run)

@@ -133,7 +133,7 @@ class MultiTalkSelfAttnProcessor:
     _attention_backend = None
     _parallel_config = None
     # ``(attn, q, k, v) -> out`` replacing the attention call, all ``[B, L, heads, D]``; installed by
-    # the benchmark (``benchmarks/attention_fp8.py``), None: diffusers' attention dispatch
+    # ``runtime.attention_int8`` (and the benchmark's ``attention_fp8.py``), None: diffusers' attention dispatch
     sdpa_override = None
     # ``(attn, q, k, rotary_emb) -> (q, k)`` replacing norm_q/norm_k + RoPE (projections in, ``[B, L, heads,
     # D]`` out); installed by ``runtime.dit_fusion``, None: the eager operations below

@@ -36,10 +36,14 @@ class EngineConfig:
     compile: bool | None = None        # regional torch.compile of the DiT blocks + fused VAE element-wise
                                        # chains (runtime.vae_fusion); None: on for CUDA
     attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
+    attention: str = "auto"            # DiT self-attention: "sdpa" (the attention backend, bf16), "int8"
+                                       # (runtime.attention_int8, Hopper), "auto": int8 on Hopper in bf16
 
     def check(self) -> tuple[torch.device, torch.dtype, torch.dtype]:
-        """Everything that can be checked without loading (folders, device, dtypes), as one-line
-        :class:`UserInputError` s; returns ``(device, dtype, vae_dtype)``."""
+        """Everything that can be checked without loading (folders, device, dtypes, attention), as
+        one-line :class:`UserInputError` s; returns ``(device, dtype, vae_dtype)``."""
+        from multitalk.runtime.attention_int8 import select_self_attention
+
         folders = (("ckpt_dir", self.ckpt_dir), ("wav2vec_dir", self.wav2vec_dir),
                    ("multitalk_dir", self.multitalk_dir))
         if self.preset is not None:
@@ -63,6 +67,7 @@ class EngineConfig:
         dtype = resolve_dtype(self.dtype, device)
         vae_dtype = (dtype if self.vae_dtype in (None, "", "auto")
                      else resolve_dtype(self.vae_dtype, device, field="vae_dtype"))
+        select_self_attention(self.attention, device, dtype)
         return device, dtype, vae_dtype
 
     def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
@@ -88,6 +93,7 @@ class Engine:
     dtype: torch.dtype
     placement: Placement
     load_seconds: dict = field(default_factory=dict)
+    attention: str = "sdpa"            # the self-attention installed: "sdpa" or "int8"
 
     @classmethod
     def load(cls, config: EngineConfig) -> "Engine":
@@ -97,8 +103,8 @@ class Engine:
         from multitalk.models.transformer import load_transformer
         from multitalk.models.vae import WanVAE
 
+        device, dtype, vae_dtype = config.check()  # before any file is touched
         ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
-        device, dtype, vae_dtype = config.check()
         arch = detect_architecture(ckpt_dir)
         # With offload, models live on the CPU and are onloaded per use.
         home = torch.device("cpu") if config.offload and device.type != "cpu" else device
@@ -125,13 +131,17 @@ class Engine:
                         load_seconds: dict | None = None) -> "Engine":
         """An engine around models already built (by :meth:`load`, or the benchmark's random
         full-size ones), with ``config``'s runtime choices applied as :meth:`load` applies them:
-        device placement, backend settings, fp8, attention backend, and on CUDA (or with
+        device placement, backend settings, fp8, attention backend, the 8-bit self-attention
+        (``config.attention``), and on CUDA (or with
         ``compile=True``) the fused DiT / VAE operations and the DiT blocks' regional compile.
         Each of these is skipped where the model already has it (a DiT compiled beforehand is not
         compiled again)."""
+        from multitalk.runtime.attention_int8 import select_self_attention
+
         config = config or EngineConfig()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        attention = select_self_attention(config.attention, device, dtype)
         placement = Placement(device, offload=config.offload)
         configure_backends(device, float32=torch.float32 in (dtype, _vae_dtype(vae)))
         dit = transformer.eval().requires_grad_(False)
@@ -141,6 +151,10 @@ class Engine:
             quantize_linears_fp8(dit)
         if config.attention_backend:
             dit.set_attention_backend(config.attention_backend)
+        if attention == "int8":
+            from multitalk.runtime.attention_int8 import enable_int8_self_attention
+
+            enable_int8_self_attention(dit, device=device)  # int8 Q·Kᵀ + bf16 P·V Triton kernel in every block's self-attention
         if config.compile or (config.compile is None and device.type == "cuda"):
             from multitalk.runtime.dit_fusion import fuse_dit
             from multitalk.runtime.vae_fusion import fuse_vae
@@ -150,7 +164,7 @@ class Engine:
                 dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
         return cls(arch, text_encoder, image_encoder, vae, audio_encoder, dit, device, dtype, placement,
-                   load_seconds if load_seconds is not None else {})
+                   load_seconds if load_seconds is not None else {}, attention)
 
 
 def _vae_dtype(vae) -> torch.dtype | None:

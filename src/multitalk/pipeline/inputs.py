@@ -42,7 +42,7 @@ _FIXES = {
     "bbox": "give {person1: [row_min, col_min, row_max, col_max], person2: [...]} in source pixels",
     "cond_audio": "give {person1: path} or {person1: path, person2: path}",
     "color_correction_strength": "use a value between 0 (off) and 1",
-    "seed": "use an integer from 0 to 4294967295, or -1 for a random seed",
+    "seed": "use a non-negative integer below 2**63, or -1 for a random seed",
     "noise_device": "use engine (the official behaviour) or cpu (the same video on any device)",
 }
 
@@ -61,6 +61,11 @@ def _problem(err: dict) -> tuple[str, str, str | None]:
         if msg.startswith(prefix):
             msg = msg[len(prefix):]
     return field, msg, _FIXES.get(field.split(".")[0])
+
+
+def validation_fix(field: str) -> str | None:
+    """How to fix a bad value of a generation option or input field (None if nothing to say)."""
+    return _FIXES.get(field.split(".")[0])
 
 
 def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -242,7 +247,7 @@ def load_input_json(path: str | os.PathLike) -> tuple[InputSpec, list[str]]:
 class GenerationParams(BaseModel):
     """Every generation option, with the official CLI names, meanings and defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     size: Literal["multitalk-480", "multitalk-720", "preview"] = "multitalk-480"  # aspect-ratio bucket table
     frame_num: int = 81            # frames per clip, 4n+1
@@ -255,8 +260,8 @@ class GenerationParams(BaseModel):
         "text_guide_scale", "sample_text_guide_scale"))
     audio_guide_scale: float = Field(4.0, ge=0, validation_alias=AliasChoices(
         "audio_guide_scale", "sample_audio_guide_scale"))
-    # -1: a random seed is drawn at validation; at most 2**32 - 1, what the official's numpy seeding takes
-    seed: int = Field(42, ge=-1, le=2**32 - 1, validation_alias=AliasChoices("seed", "base_seed"))
+    seed: int = Field(42, ge=-1, le=2**63 - 1, validation_alias=AliasChoices(
+        "seed", "base_seed"))   # -1: a random seed is drawn at validation (seed_drawn)
     n_prompt: str = ""             # "" -> the official negative prompt
     use_teacache: bool = False
     teacache_thresh: float = Field(0.2, gt=0)
@@ -270,6 +275,7 @@ class GenerationParams(BaseModel):
     # so CPU and CUDA give different videos for a seed) or "cpu" (the same video on any device)
     noise_device: Literal["engine", "cpu"] = "engine"
     official_trim: bool = False    # reproduce the official final cut (see pipeline/clips.py)
+    _seed_drawn: bool = PrivateAttr(False)
 
     @model_validator(mode="before")
     @classmethod
@@ -296,7 +302,13 @@ class GenerationParams(BaseModel):
                                  f"({self.frame_num}) in streaming mode", _FIXES["motion_frame"])
         if self.seed < 0:
             self.seed = random.randint(0, 99_999_999)  # the official range
+            self._seed_drawn = True
         return self
+
+    @property
+    def seed_drawn(self) -> bool:
+        """True when ``seed`` was -1 and a random one was drawn."""
+        return self._seed_drawn
 
     @property
     def shift(self) -> float:
