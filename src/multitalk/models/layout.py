@@ -91,7 +91,7 @@ def find_dit_files(ckpt_dir: str | Path, multitalk_dir: str | Path | None = None
 
 
 def _safetensors_keys(path: Path) -> list[str]:
-    return list(read_safetensors_header(path)[0])
+    return list(read_safetensors_header(path).entries)
 
 
 def iter_dit_tensors(files: DiTFiles, dtype_for: Callable[[str], torch.dtype | None] | None = None
@@ -106,7 +106,7 @@ def iter_dit_tensors(files: DiTFiles, dtype_for: Callable[[str], torch.dtype | N
     if files.multitalk_path is not None:
         audio_keys = set(_safetensors_keys(files.multitalk_path))
     for shard in files.shard_paths:
-        header, _ = read_safetensors_header(shard)
+        header = read_safetensors_header(shard).entries
         keys = sorted((k for k in header if k not in audio_keys), key=lambda k: header[k]["data_offsets"][0])
         yield from read_safetensors(shard, keys, dtype_for)
     if files.multitalk_path is not None:

@@ -21,6 +21,7 @@ import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -63,30 +64,40 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
-    """``(tensor entries, data start offset)`` of a safetensors file; reads the header only."""
+class SafetensorsHeader(NamedTuple):
+    entries: dict          # key -> {"dtype", "shape", "data_offsets"}
+    data_start: int        # file offset of the data the offsets count from
+    metadata: dict         # the "__metadata__" strings ({} if none)
+
+
+def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
+    """The header of a safetensors file (the only part read), checked to describe data that fits
+    in the file: a corrupt or truncated file is a :class:`CheckpointError` naming it."""
     path = Path(path)
     try:
+        size_on_disk = path.stat().st_size
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
-            if size > path.stat().st_size - 8:
+            if size > size_on_disk - 8:
                 raise ValueError(f"header length {size} runs past the end of the file")
             header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        end = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+        if 8 + size + end > size_on_disk:
+            raise ValueError(f"the tensors need {8 + size + end} bytes, the file has {size_on_disk} (truncated?)")
     except FileNotFoundError as exc:
         raise CheckpointError("weight file not found", file=str(path)) from exc
-    except (OSError, struct.error, ValueError) as exc:
+    except (OSError, struct.error, ValueError, TypeError, KeyError, IndexError) as exc:
         raise CheckpointError(f"cannot read safetensors header ({exc})", file=str(path)) from exc
-    if not isinstance(header, dict):
-        raise CheckpointError("cannot read safetensors header (not a JSON object)", file=str(path))
-    header.pop("__metadata__", None)
-    return header, 8 + size
+    return SafetensorsHeader(header, 8 + size, dict(metadata))
 
 
 def safetensors_shape_items(path: str | Path) -> Iterator[tuple[str, torch.Tensor, str]]:
     """``(key, meta tensor, file name)`` with each tensor's shape and dtype, from the header only."""
     path = Path(path)
-    header, _ = read_safetensors_header(path)
-    for key, entry in header.items():
+    for key, entry in read_safetensors_header(path).entries.items():
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise CheckpointError(f"unsupported dtype {entry['dtype']}", file=path.name, key=key)
