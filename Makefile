@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.multitalk-installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,7 @@ demo: setup
 	$(VENV)/bin/multitalk demo --out outputs/demo.mp4
 
 test: setup
+	$(VENV)/bin/lint-imports --no-cache  # the layers contract in pyproject.toml
 	$(PY) -m pytest -q tests
 
 test-fast: setup

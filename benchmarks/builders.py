@@ -46,10 +46,10 @@ def random_items(component: str, shapes: dict, device: torch.device, seed: int,
 def check_full_size_layouts() -> dict[str, str]:
     """Dry-run the full-size random key streams through the loaders on ``meta`` (no memory, CPU).
 
-    Catches a key/shape disagreement between ``tiny.*_key_shapes(FULL_14B)`` and the loaders
+    Catches a key/shape disagreement between ``key_schema.*_key_shapes(FULL_14B)`` and the loaders
     before any GPU time is spent; returns ``{component: load summary}``, raises on a mismatch.
     """
-    from multitalk.models import tiny
+    from multitalk.models import key_schema
     from multitalk.models.audio_encoder import build_wav2vec2_on_meta, full_size_config, load_wav2vec2_weights
     from multitalk.models.checkpoint import build_on_meta, load_converted, meta_items
     from multitalk.models.image_encoder import build_clip_on_meta, load_clip_weights
@@ -58,16 +58,17 @@ def check_full_size_layouts() -> dict[str, str]:
     from multitalk.models.vae import build_vae_model, load_vae_weights
 
     arch = FULL_14B
-    clip = {k: v for k, v in tiny.clip_key_shapes(arch.clip, tiny.CLIPTextTower()).items() if k.startswith("visual.")}
+    clip = {k: v for k, v in key_schema.clip_key_shapes(arch.clip, key_schema.CLIPTextTower()).items()
+            if k.startswith("visual.")}
     reports = [
-        load_converted(build_transformer_on_meta(arch.dit), meta_items(tiny.dit_key_shapes(arch.dit)), convert_dit_key,
-                       component="transformer", dry_run=True),
-        load_t5_weights(build_umt5_on_meta(arch.t5), meta_items(tiny.t5_key_shapes(arch.t5)), dry_run=True),
+        load_converted(build_transformer_on_meta(arch.dit), meta_items(key_schema.dit_key_shapes(arch.dit)),
+                       convert_dit_key, component="transformer", dry_run=True),
+        load_t5_weights(build_umt5_on_meta(arch.t5), meta_items(key_schema.t5_key_shapes(arch.t5)), dry_run=True),
         load_clip_weights(build_clip_on_meta(arch.clip), meta_items(clip), arch.clip, dry_run=True),
-        load_vae_weights(build_on_meta(lambda: build_vae_model(arch.vae)), meta_items(tiny.vae_key_shapes(arch.vae)),
-                         arch.vae, dry_run=True),
+        load_vae_weights(build_on_meta(lambda: build_vae_model(arch.vae)),
+                         meta_items(key_schema.vae_key_shapes(arch.vae)), arch.vae, dry_run=True),
         load_wav2vec2_weights(build_wav2vec2_on_meta(full_size_config()),
-                              meta_items(tiny.wav2vec2_key_shapes(tiny.Wav2Vec2Numbers())), dry_run=True),
+                              meta_items(key_schema.wav2vec2_key_shapes(key_schema.Wav2Vec2Numbers())), dry_run=True),
     ]
     bad = [r.summary() for r in reports if not r.ok]
     if bad:
@@ -84,7 +85,7 @@ def assert_materialized(model: torch.nn.Module, what: str) -> None:
 def build_dit(s: Setting, seed: int = 1):
     """The MultiTalk DiT with random weights, loaded like ``load_transformer`` does."""
     from multitalk.models.checkpoint import load_converted
-    from multitalk.models.tiny import dit_key_shapes
+    from multitalk.models.key_schema import dit_key_shapes
     from multitalk.models.transformer import build_transformer_on_meta, convert_dit_key, keep_fp32
 
     model = build_transformer_on_meta(s.arch.dit)
@@ -127,10 +128,11 @@ def build_engine(s: Setting, dit, seed: int = 11, **config):
     the fused VAE, and the DiT fused and compiled unless an earlier section did it."""
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor
 
-    from multitalk.models import tiny
+    from multitalk.models import key_schema, tiny
     from multitalk.models.audio_encoder import (AudioEncoder, build_wav2vec2_on_meta, full_size_config,
                                                 load_wav2vec2_weights)
     from multitalk.models.image_encoder import ImageEncoder, build_clip_on_meta, load_clip_weights
+    from multitalk.models.official_files import TOKENIZER_DIR
     from multitalk.models.text_encoder import TextEncoder, build_umt5_on_meta, load_t5_tokenizer, load_t5_weights
     from multitalk.pipeline.engine import Engine, EngineConfig
 
@@ -149,15 +151,15 @@ def build_engine(s: Setting, dit, seed: int = 11, **config):
         # tokenizer too (ids < vocab), and the encoder always runs all 512 positions.
         with tempfile.TemporaryDirectory(prefix="multitalk-bench-tok-") as tok_root:
             ckpt_dir, _ = tiny.write_tiny_checkpoints(tok_root)
-            tokenizer = load_t5_tokenizer(ckpt_dir / tiny.TOKENIZER_SUBDIR)
+            tokenizer = load_t5_tokenizer(ckpt_dir / TOKENIZER_DIR)
         model = build_umt5_on_meta(arch.t5)
-        load_t5_weights(model, random_items("t5", tiny.t5_key_shapes(arch.t5), dev, seed), dtype=s.dtype,
+        load_t5_weights(model, random_items("t5", key_schema.t5_key_shapes(arch.t5), dev, seed), dtype=s.dtype,
                         device=dev)
         return TextEncoder(model, tokenizer, text_len=arch.t5.text_len)
 
     def image():
-        text_tower = tiny.TINY_CLIP_TEXT if s.tiny else tiny.CLIPTextTower()
-        shapes = tiny.clip_key_shapes(arch.clip, text_tower)
+        text_tower = key_schema.TINY_CLIP_TEXT if s.tiny else key_schema.CLIPTextTower()
+        shapes = key_schema.clip_key_shapes(arch.clip, text_tower)
         model = build_clip_on_meta(arch.clip)
         load_clip_weights(model, random_items("clip", shapes, dev, seed + 2, keep=lambda k: k.startswith("visual.")),
                           arch.clip, dtype=s.dtype, device=dev)
@@ -167,11 +169,11 @@ def build_engine(s: Setting, dit, seed: int = 11, **config):
         return build_vae(s, seed + 4)
 
     def audio():
-        numbers = tiny.TINY_WAV2VEC2 if s.tiny else tiny.Wav2Vec2Numbers()
+        numbers = key_schema.TINY_WAV2VEC2 if s.tiny else key_schema.Wav2Vec2Numbers()
         config = Wav2Vec2Config(**tiny.wav2vec2_config(numbers)) if s.tiny else full_size_config()
         model = build_wav2vec2_on_meta(config)
-        load_wav2vec2_weights(model, random_items("wav2vec2", tiny.wav2vec2_key_shapes(numbers), dev, seed + 6),
-                              dtype=torch.float32, device=dev)
+        load_wav2vec2_weights(model, random_items("wav2vec2", key_schema.wav2vec2_key_shapes(numbers), dev,
+                                                  seed + 6), dtype=torch.float32, device=dev)
         return AudioEncoder(model, Wav2Vec2FeatureExtractor(**tiny.WAV2VEC2_PREPROCESSOR))
 
     components = dict(text_encoder=timed("text_encoder", text), image_encoder=timed("image_encoder", image),
@@ -180,16 +182,16 @@ def build_engine(s: Setting, dit, seed: int = 11, **config):
         arch, **components, config=EngineConfig(device=str(dev), dtype=s.dtype, **config), load_seconds=seconds))
 
 
-def build_vae(s: Setting, seed: int):
-    """The Wan VAE with random weights through the official-key loader, in the Engine's default dtype."""
-    from multitalk.models import tiny
+def build_vae(s: Setting, seed: int, dtype: torch.dtype | None = None):
+    """The Wan VAE with random weights through the official-key loader, in ``dtype`` (default: the
+    setting's, which is the Engine's default VAE dtype: bf16 on CUDA, float32 on CPU)."""
+    from multitalk.models import key_schema
     from multitalk.models.checkpoint import build_on_meta
     from multitalk.models.vae import WanVAE, build_vae_model, load_vae_weights
-    from multitalk.runtime.placement import resolve_dtype
 
     model = build_on_meta(lambda: build_vae_model(s.arch.vae))
-    load_vae_weights(model, random_items("vae", tiny.vae_key_shapes(s.arch.vae), s.device, seed), s.arch.vae,
-                     device=s.device, dtype=resolve_dtype("auto", s.device))
+    load_vae_weights(model, random_items("vae", key_schema.vae_key_shapes(s.arch.vae), s.device, seed), s.arch.vae,
+                     device=s.device, dtype=dtype or s.dtype)
     return WanVAE(model, s.arch.vae)
 
 

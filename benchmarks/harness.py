@@ -338,8 +338,8 @@ def run_section(b: Bench, name: str) -> None:
         b.report.data["skipped"][name] = str(exc)
         status = f"skipped ({exc})"
     except Exception as exc:  # record and go on: one failing section must not lose the others
-        b.report.data["errors"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
-                                         "traceback": traceback.format_exc().replace(str(HERE.parent), "<repo>")[-4000:]}
+        trace = traceback.format_exc().replace(str(HERE.parent), "<repo>")[-4000:]
+        b.report.data["errors"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": trace}
         status = f"ERROR {type(exc).__name__}: {exc}"
         free_memory(b.setting.device)
     b.report.section(name)["section_s"] = time.perf_counter() - t0

@@ -40,7 +40,7 @@ def env():
     R["env"] = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                     torch_cudnn=torch.backends.cudnn.version(), frontend=getattr(cudnn, "__version__", "?"),
                     frontend_backend=int(cudnn.backend_version()))
-    from multitalk.runtime.attention_fp8 import availability
+    from attention_fp8 import availability
     R["env"]["fp8_available"] = availability()
     log(str(R["env"]))
 
@@ -76,7 +76,7 @@ def reference_heads(q, k, v, heads=(0, 7), chunk=4096):
 def attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from multitalk.runtime.attention_fp8 import E4M3_MAX, Fp8SelfAttention, _quantize, cudnn_sdpa_fp8
+    from attention_fp8 import E4M3_MAX, Fp8SelfAttention, _quantize, cudnn_sdpa_fp8
 
     sec = R.setdefault("attention", {})
     flops = 4 * S * S * D * H
@@ -128,8 +128,8 @@ def attention():
 
 
 def kernel_vs_reference():
-    """The cuDNN fp8 kernel against runtime.attention_fp8.reference_sdpa_fp8 (the tests' reference)."""
-    from multitalk.runtime.attention_fp8 import E4M3_MAX, cudnn_sdpa_fp8, quantized_attention, reference_sdpa_fp8
+    """The cuDNN fp8 kernel against attention_fp8.reference_sdpa_fp8 (the tests' reference)."""
+    from attention_fp8 import E4M3_MAX, cudnn_sdpa_fp8, quantized_attention, reference_sdpa_fp8
 
     sec = R.setdefault("kernel_vs_reference", {})
     g = torch.Generator(device="cuda").manual_seed(5)
@@ -171,7 +171,7 @@ def dit():
     import builders
     import harness
     from multitalk.models.architecture import FULL_14B
-    from multitalk.runtime.attention_fp8 import disable_fp8_self_attention, enable_fp8_self_attention
+    from attention_fp8 import disable_fp8_self_attention, enable_fp8_self_attention
     from multitalk.runtime.fp8 import ffn_fp8_filter, quantize_linears_fp8
 
     sec = R.setdefault("dit", {})

@@ -307,6 +307,8 @@ def vae() -> None:
 
 def text() -> None:
     from multitalk.models import tiny
+    from multitalk.models.key_schema import t5_key_shapes
+    from multitalk.models.official_files import TOKENIZER_DIR
     from multitalk.models.text_encoder import TextEncoder, build_umt5_on_meta, load_t5_tokenizer, load_t5_weights
     from multitalk.runtime.placement import Placement
     import tempfile
@@ -315,9 +317,9 @@ def text() -> None:
     s = setting(2)
     with tempfile.TemporaryDirectory() as root:
         ckpt, _ = tiny.write_tiny_checkpoints(root)
-        tok = load_t5_tokenizer(ckpt / tiny.TOKENIZER_SUBDIR)
+        tok = load_t5_tokenizer(ckpt / TOKENIZER_DIR)
     model = build_umt5_on_meta(s.arch.t5)
-    load_t5_weights(model, random_items("t5", tiny.t5_key_shapes(s.arch.t5), dev(), 3), dtype=s.dtype, device=dev())
+    load_t5_weights(model, random_items("t5", t5_key_shapes(s.arch.t5), dev(), 3), dtype=s.dtype, device=dev())
     enc = TextEncoder(model, tok, text_len=s.arch.t5.text_len)
     prompts = ["a person talking", s.arch.sample_neg_prompt]
     enc.encode(prompts)

@@ -1,7 +1,8 @@
 """Shared test fixtures.
 
-Golden data (``../shared/golden`` beside the repository, or ``$MULTITALK_GOLDEN``) is used whenever
-present; tests that need it are skipped when it is absent (a user's clone), never in CI.
+Golden data (``../shared/golden`` beside the repository, or ``$MULTITALK_GOLDEN``) and the official
+examples (``../shared/examples``; ``$MULTITALK_SHARED`` moves both) are used whenever present; tests
+that need them are skipped when they are absent (a user's clone), never in CI (``$CI`` set).
 """
 
 from __future__ import annotations
@@ -30,8 +31,17 @@ SHARED = _shared_dir()
 GOLDEN = Path(os.environ.get("MULTITALK_GOLDEN", SHARED / "golden"))
 EXAMPLES = SHARED / "examples"
 
-if os.environ.get("CI") and not GOLDEN.is_dir():
-    raise RuntimeError(f"CI run without golden data at {GOLDEN}")
+
+
+def require_shared_data_in_ci(environ=os.environ, golden: Path = GOLDEN, examples: Path = EXAMPLES) -> None:
+    """CI must run every test: there, missing shared data is an error, not a skip."""
+    if environ.get("CI"):
+        for name, path in (("golden data", golden), ("official examples", examples)):
+            if not path.is_dir():
+                raise RuntimeError(f"CI run without {name} at {path}")
+
+
+require_shared_data_in_ci()
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

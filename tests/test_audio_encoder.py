@@ -18,7 +18,7 @@ from multitalk.models.audio_encoder import (
     convert_wav2vec2_key,
     load_wav2vec2_weights,
 )
-from multitalk.models.checkpoint import iter_safetensors, meta_items
+from multitalk.models.checkpoint import meta_items, read_safetensors
 
 TOL = 1e-5  # README: conv features and wav2vec2 embeddings
 
@@ -221,7 +221,7 @@ def _pretraining_keys(layers: int, hidden: int, ffn: int, conv: int, groups: int
 def test_synthetic_key_pattern_is_the_tiny_files(tiny_wav2vec_dir):
     """The full-size listing below follows the real file's key pattern (checked on the tiny file)."""
     weights = tiny_wav2vec_dir / "model.safetensors"
-    tiny = {k: tuple(t.shape) for k, t, _ in iter_safetensors(weights)}
+    tiny = {k: tuple(t.shape) for k, t, _ in read_safetensors(weights)}
     synthetic = _pretraining_keys(layers=2, hidden=32, ffn=64, conv=32)
     heads = re.compile(r"(quantizer|project_hid|project_q)\.")
     assert set(tiny) == set(synthetic)

@@ -62,6 +62,9 @@ def test_tiny_cpu_report_has_every_figure(tmp_path):
     for stage in ("text_encode", "audio_features", "clip_encode", "vae_encode", "vae_decode"):
         assert clip4["stages_s"][stage] > 0, stage
     assert clip4["frames_delivered"] == 9
+    # seeded noise from the run's own generator: the process RNG untouched, the same frames twice
+    assert clip4["cold_process_rng_untouched"] and clip4["warm_process_rng_untouched"]
+    assert clip4["cold_frames_checksum"] == clip4["warm_frames_checksum"] != 0
 
     for thresh in ("0.2", "0.3"):
         tea = sections["teacache"][f"thresh_{thresh}"]

@@ -63,6 +63,7 @@ def _assert_clear_error(result, field: str, *words: str) -> str:
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     text = result.stderr
     assert "Traceback" not in text and "Traceback" not in result.output
+    assert "models loaded" not in text  # refused before anything was loaded
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert len(errors) == 1, text
@@ -106,7 +107,25 @@ def test_bbox_outside_the_image(media, tmp_path):
     bbox = dict(media["spec"]["bbox"])
     bbox["person2"] = [10, 900, 500, 5000]   # columns beyond the 1024-pixel width
     result = _run([_json(media, tmp_path, bbox=bbox)], tmp_path)
-    _assert_clear_error(result, "bbox", "outside")
+    _assert_clear_error(result, "bbox", "outside", "[row_min, col_min, row_max, col_max]")  # Rich kept the [...]
+
+
+@pytest.mark.parametrize("box, words", [
+    ([100, 100, 105, 105], ("person1", "covers no cell", "at least 20x20 pixels")),  # under one 16x16 cell of 448x896
+    ([0, 100, 25, 400], ("person1", "sample rows 32-525")),       # in the top band the 448x896 crop removes
+])
+def test_bbox_that_routes_no_token_is_refused(media, tmp_path, box, words):
+    """Such a box left the speaker routing an empty region (0/0): an all-NaN, black video with exit 0."""
+    bbox = {**media["spec"]["bbox"], "person1": box}
+    result = _run([_json(media, tmp_path, bbox=bbox)], tmp_path)
+    _assert_clear_error(result, "bbox", *words)
+
+
+def test_user_text_is_printed_literally(media, tmp_path):
+    """Messages are not Rich markup: [...] in a file name stays, and [/] cannot break the printing."""
+    for name in ("photo[draft].png", "a[/]b.png", "[bold]x[/bold].png"):
+        result = _run([_json(media, tmp_path, cond_image=str(tmp_path / name))], tmp_path)
+        _assert_clear_error(result, "cond_image", "not found", name)
 
 
 def test_bbox_for_the_wrong_number_of_speakers(media, tmp_path):
@@ -121,6 +140,33 @@ def test_bbox_for_the_wrong_number_of_speakers(media, tmp_path):
 def test_unknown_audio_type(media, tmp_path):
     result = _run([_json(media, tmp_path, audio_type="both")], tmp_path)
     _assert_clear_error(result, "audio_type", "add", "para")
+    result = _run(["--image", str(media["image"]), "--audio", str(media["person1"]), "--audio2",
+                   str(media["person2"]), "--audio-type", "both"], tmp_path)   # without a JSON too
+    _assert_clear_error(result, "audio_type", "add", "para")
+
+
+@pytest.mark.parametrize("args, field, words", [
+    (["--base_seed", str(10**30)], "seed", ("9223372036854775807", "below 2**63")),
+    (["--dtype", "float8"], "dtype", ("float32", "bfloat16")),
+    (["--vae-dtype", "half-ish"], "vae_dtype", ("float32",)),
+    (["--noise-device", "gpu"], "noise_device", ("engine", "cpu")),
+    (["--ckpt-dir", "."], "preset", ("--ckpt_dir", "drop")),
+])
+def test_bad_options_fail_before_loading(media, tmp_path, args, field, words):
+    _assert_clear_error(_run([_json(media, tmp_path), *args], tmp_path), field, *words)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_requested_without_cuda(media, tmp_path):
+    result = CliRunner().invoke(app, ["generate", _json(media, tmp_path), "--preset", "tiny", "--device", "cuda",
+                                      "--out", str(tmp_path / "v.mp4")])
+    _assert_clear_error(result, "device", "no CUDA", "--device cpu")
+
+
+def test_missing_checkpoint_folder_is_named(media, tmp_path):
+    result = CliRunner().invoke(app, ["generate", _json(media, tmp_path), "--ckpt-dir", str(tmp_path / "missing"),
+                                      "--out", str(tmp_path / "v.mp4")])
+    _assert_clear_error(result, "ckpt_dir", "does not exist")
 
 
 @pytest.mark.parametrize("flag", ["--frame_num", "--frame-num"])
@@ -148,6 +194,13 @@ def test_output_folder_not_writable(media, tmp_path):
         locked.chmod(stat.S_IRWXU)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_output_that_cannot_be_written(media, tmp_path):
+    # /proc takes no new files, whoever asks (os.access says yes to root): refused before the run
+    result = _run([_json(media, tmp_path), "--out", "/proc/multitalk-video.mp4"], tmp_path)
+    _assert_clear_error(result, "out", "not writable")
+
+
 def test_output_path_that_is_a_file(media, tmp_path):
     # works as root too: the parent "folder" is a regular file
     blocker = tmp_path / "blocker"
@@ -160,6 +213,35 @@ def test_missing_input_and_weights(media, tmp_path):
     _assert_clear_error(CliRunner().invoke(app, ["generate", "--quiet"]), "input_json")
     result = CliRunner().invoke(app, ["generate", _json(media, tmp_path), "--out", str(tmp_path / "v.mp4")])
     _assert_clear_error(result, "ckpt_dir", "--preset tiny")
+
+
+def test_help_at_80_columns_shows_every_option_name_whole():
+    result = CliRunner().invoke(app, ["generate", "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    for name in ("--sample_text_guide_scale", "--sample-audio-guide-scale", "--color_correction_strength",
+                 "--apg_norm_threshold", "--multitalk_dir", "--offload_model", "--save_file", "--vae-dtype",
+                 "--noise-device", "--base_seed"):
+        assert name in result.output, name
+
+
+def test_output_names():
+    """``--out foo`` -> foo.mp4 (what the CLI then reports), ``--out <folder>`` -> inside it (the full
+    runs: tests/test_generate_long.py, tests/test_render.py)."""
+    import tempfile
+    from pathlib import Path
+
+    from multitalk.pipeline.render import check_output_path
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        assert check_output_path(d / "clip") == d / "clip.mp4"
+        assert check_output_path(d / "clip.v2") == d / "clip.v2.mp4"
+        assert check_output_path(d / "CLIP.MP4") == d / "CLIP.MP4"
+        assert check_output_path(d, stem="input") == d / "input.mp4"
+        assert check_output_path(d / "new" / "sub" / "v.mp4") == d / "new" / "sub" / "v.mp4"
+        assert check_output_path(d / "video.safetensors", suffix=None) == d / "video.safetensors"
+        assert not [p for p in d.rglob(".multitalk-write-check-*")]   # the write check leaves nothing
 
 
 def test_debug_shows_the_traceback_in_a_real_process(media, tmp_path):

@@ -100,8 +100,9 @@ def test_para_tracks_of_unequal_length_last_as_long_as_the_longer(tmp_path, home
     spec_path.write_text(json.dumps(spec))
     proc = _cli(["generate", str(spec_path), "--preset", "tiny", "--device", "cpu", "--size", "preview",
                  "--mode", "streaming", "--frame_num", "33", "--motion_frame", "5", "--sample_steps", "1",
-                 "--quiet", "--out", "para.mp4"], tmp_path, home)
+                 "--quiet", "--out", "para"], tmp_path, home)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("wrote para.mp4 (")  # --out without .mp4: written and reported with it
     longest = max(sf.info(str(spec_path.parent / f)).frames for f in spec["cond_audio"].values())
     info = _probe(tmp_path / "para.mp4")
     assert info["frames"] == num_video_frames(longest, FPS, SAMPLE_RATE) == 65

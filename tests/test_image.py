@@ -136,3 +136,19 @@ def test_bad_sizes_and_bucket_name():
         resize_and_center_crop("image.png", 448, 896)
     with pytest.raises(UserInputError):
         cond_image_from_uint8(torch.zeros(3, 8, 8))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored landscape with EXIF orientation 6 (rotate 90 degrees clockwise to show)
+    is used as displayed: portrait, with the stored left edge at the top."""
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))             # stored left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6                                       # Orientation: rotate 90 CW
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = load_image(tmp_path / "phone.jpg")
+    assert upright.size == (20, 40)                        # (width, height): portrait
+    top, bottom = upright.getpixel((10, 5)), upright.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+    stored.save(tmp_path / "plain.jpg", quality=95)        # no EXIF: as stored
+    assert load_image(tmp_path / "plain.jpg").size == (40, 20)

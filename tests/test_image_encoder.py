@@ -13,16 +13,16 @@ from multitalk.media.image import cond_image_from_uint8
 from multitalk.models.architecture import FULL_14B, TINY
 from multitalk.models.checkpoint import meta_items
 from multitalk.models.image_encoder import (
-    CLIP_CHECKPOINT,
     ImageEncoder,
     build_clip_on_meta,
     check_clip_shapes,
     clip_converter,
     load_clip_weights,
 )
+from multitalk.models.official_files import CLIP_FILE
 
 CLIP_TOL = 1e-5  # golden README: CLIP features
-CLIP_KEY = f"Wan2.1-I2V-14B-480P/{CLIP_CHECKPOINT}"
+CLIP_KEY = f"Wan2.1-I2V-14B-480P/{CLIP_FILE}"
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_full_size_layout_on_meta(full_manifest):
     check_clip_shapes(cfg, shapes)
     model = build_clip_on_meta(cfg)
     assert len(model.encoder.layers) == 31
-    report = load_clip_weights(model, meta_items(shapes, CLIP_CHECKPOINT), cfg, dry_run=True)
+    report = load_clip_weights(model, meta_items(shapes, CLIP_FILE), cfg, dry_run=True)
     assert report.ok, report.summary()
     assert not (report.missing or report.unexpected or report.mismatched)
     n_visual = sum(k.startswith("visual.") for k in shapes)
@@ -110,7 +110,7 @@ def test_missing_file_is_a_checkpoint_error(tmp_path, tiny_ckpt_dir):
     shutil.copy(tiny_ckpt_dir / "config.json", tmp_path / "config.json")
     with pytest.raises(CheckpointError) as e:
         ImageEncoder.from_checkpoint(tmp_path)
-    assert CLIP_CHECKPOINT in str(e.value)
+    assert CLIP_FILE in str(e.value)
 
 
 def test_block_count_mismatch_is_reported():

@@ -107,6 +107,15 @@ def test_official_option_names_are_accepted():
         GenerationParams.model_validate({"seed": 1, "base_seed": 2})
 
 
+def test_offload_model_is_refused_as_an_engine_setting():
+    """The official flag names where the models live: an engine setting, never silently ignored per job."""
+    for value in (True, False):
+        with pytest.raises(UserInputError) as e:
+            GenerationParams.from_dict({"offload_model": value, "sample_steps": 4})
+        assert e.value.field == "offload_model" and "engine setting" in e.value.message
+    assert "offload_model" not in GenerationParams.model_fields
+
+
 def test_frame_num_must_be_4n_plus_1():
     with pytest.raises(UserInputError) as e:
         GenerationParams.from_cli(frame_num=80)

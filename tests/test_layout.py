@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from multitalk.errors import CheckpointError
-from multitalk.models.layout import (INDEX_FILE, MULTITALK_FILE, base_folder_files, find_dit_files,
-                                     is_audio_key, iter_dit_tensors, read_safetensors)
+from multitalk.models.checkpoint import read_safetensors
+from multitalk.models.layout import find_dit_files, iter_dit_tensors
+from multitalk.models.official_files import INDEX_FILE, MULTITALK_FILE, is_audio_key
 from multitalk.models.transformer import load_transformer
 
 SHARDS = ("diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors")
@@ -130,21 +131,14 @@ def test_missing_tensor_is_a_checkpoint_error(tmp_path, tiny_ckpt_dir):
 
 
 def test_read_casts_in_chunks(tmp_path, monkeypatch):
-    import multitalk.models.layout as layout
+    import multitalk.models.checkpoint as checkpoint
 
-    monkeypatch.setattr(layout, "_CHUNK_BYTES", 1000)   # force many (unaligned) chunks
+    monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 1000)   # force many (unaligned) chunks
     x = torch.randn(37, 29)
     save_file({"a": x, "ids": torch.arange(5)}, str(tmp_path / "t.safetensors"))
     got = dict((k, t) for k, t, _ in read_safetensors(tmp_path / "t.safetensors", dtype_for=lambda k: torch.bfloat16))
     assert got["a"].dtype == torch.bfloat16 and torch.equal(got["a"], x.to(torch.bfloat16))
     assert torch.equal(got["ids"], torch.arange(5))
-
-
-def test_base_folder_files(tiny_ckpt_dir):
-    files = base_folder_files(tiny_ckpt_dir)
-    for p in (files.config_path, files.t5_path, files.clip_path, files.vae_path):
-        assert p.is_file(), p
-    assert (files.tokenizer_dir / "spiece.model").is_file()
 
 
 def test_missing_folder_and_config(tmp_path):

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from multitalk.models.architecture import DiTConfig
-from multitalk.models.tiny import dit_key_shapes, is_multitalk_key
+from multitalk.models.key_schema import dit_key_shapes
+from multitalk.models.official_files import is_audio_key
 
 # ~94 M parameters: ~376 MB as fp32 files, ~190 MB as bf16 in memory.
 CFG = dict(dim=1024, ffn_dim=4096, num_heads=16, num_layers=4, text_dim=256, clip_dim=64,
@@ -55,10 +56,10 @@ def _write_folder(folder: Path, cfg: DiTConfig) -> int:
     """Official-layout folder of random fp32 weights, written shard by shard; returns the fp32 bytes."""
     folder.mkdir()
     shapes = dit_key_shapes(cfg)
-    base = [k for k in shapes if not is_multitalk_key(k)]
+    base = [k for k in shapes if not is_audio_key(k)]
     files = {f"diffusion_pytorch_model-{i + 1:05d}-of-{N_SHARDS:05d}.safetensors": base[i::N_SHARDS]
              for i in range(N_SHARDS)}
-    files["multitalk.safetensors"] = [k for k in shapes if is_multitalk_key(k)]
+    files["multitalk.safetensors"] = [k for k in shapes if is_audio_key(k)]
     gen = torch.Generator().manual_seed(0)
     weight_map, total = {}, 0
     for name, keys in files.items():

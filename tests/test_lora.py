@@ -149,7 +149,7 @@ def _same(a, b):
 
 
 def test_official_names_round_trip(tiny_dit):
-    from multitalk.models.tiny import dit_key_shapes
+    from multitalk.models.key_schema import dit_key_shapes
 
     for key in tiny_dit.state_dict():
         assert convert_dit_key(official_dit_key(key), None)[0][0] == key

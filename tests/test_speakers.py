@@ -86,8 +86,14 @@ def test_matches_full_grid_reference_on_random_layouts():
             r0, c0 = rng.randint(0, src_h - 2), rng.randint(0, src_w - 2)
             r1, c1 = rng.randint(r0 + 1, src_h), rng.randint(c0 + 1, src_w)
             boxes.append([r0 + rng.random(), c0, r1, c1 + 0.5])  # fractional values truncate
+        expected = _official_style(src_h, src_w, th, tw, boxes)
+        tokens = F.interpolate(expected[None], size=(th // 16, tw // 16), mode="nearest")[0]
+        if tokens[:2].flatten(1).sum(dim=1).min() == 0:    # a person the speech routing cannot see
+            with pytest.raises(UserInputError, match="covers no cell"):
+                speaker_masks(src_h, src_w, th, tw, 2, bbox=boxes)
+            continue
         got = speaker_masks(src_h, src_w, th, tw, 2, bbox=boxes)
-        assert torch.equal(got, _official_style(src_h, src_w, th, tw, boxes)), (src_h, src_w, boxes)
+        assert torch.equal(got, expected), (src_h, src_w, boxes)
 
 
 def test_default_layout_later_clips_follow_the_official_halving():
@@ -134,6 +140,23 @@ def test_bad_bbox(bbox, words):
     assert e.value.field == "bbox"
     assert words in e.value.message
     assert e.value.fix
+
+
+def test_box_the_routing_cannot_see_is_refused_with_the_usable_size():
+    """multi1.png (1440x2560) in the 448x896 bucket: the token cells sample every ~46th source row
+    and column, from row 80 on (the centre crop removes the top and bottom bands)."""
+    for box in ([722, 1418, 760, 1460],     # between the sampled rows and columns
+                [0, 1320, 70, 2280]):       # in the band the crop removes
+        with pytest.raises(UserInputError) as e:
+            speaker_masks(*MULTI1_HW, 448, 896, 2, bbox=[GOOD[0], box])
+        assert e.value.field == "bbox" and f"person2: the box {box} covers no cell" in e.value.message
+        assert "sample rows 80-1314" in e.value.message and "at least 47x47 pixels" in e.value.fix
+    cell = speaker_masks(*MULTI1_HW, 448, 896, 2, bbox=[GOOD[0], [722, 1418, 769, 1465]])  # 47x47: accepted
+    assert cell[1].sum() > 0
+    # the default boxes of a very wide image (left / right halves) both fall outside the crop
+    with pytest.raises(UserInputError, match="person1: the default box") as e:
+        speaker_masks(100, 8000, *choose_bucket(100, 8000), 2)
+    assert "give a bbox" in e.value.fix
 
 
 def test_bbox_count_checked_for_one_speaker_too():

@@ -13,9 +13,8 @@ from conftest import rel_l2
 from multitalk.errors import CheckpointError, UserInputError
 from multitalk.models.architecture import FULL_14B, SAMPLE_NEG_PROMPT, detect_architecture
 from multitalk.models.checkpoint import meta_items
+from multitalk.models.official_files import T5_FILE, TOKENIZER_DIR
 from multitalk.models.text_encoder import (
-    T5_CHECKPOINT,
-    T5_TOKENIZER_DIR,
     TextEncoder,
     build_umt5_on_meta,
     check_t5_shapes,
@@ -130,7 +129,7 @@ def test_converter_maps_official_names():
 
 
 def test_full_size_layout_converts_on_meta(full_manifest):
-    keys = full_manifest[f"Wan2.1-I2V-14B-480P/{T5_CHECKPOINT}"]["keys"]
+    keys = full_manifest[f"Wan2.1-I2V-14B-480P/{T5_FILE}"]["keys"]
     check_t5_shapes(FULL_14B.t5, keys)
     model = build_umt5_on_meta(FULL_14B.t5)
     report = load_t5_weights(model, meta_items(keys), dry_run=True)
@@ -157,33 +156,33 @@ def _copy_layout(src, dst):
 
 def test_truncated_checkpoint_names_the_file(tiny_ckpt_dir, tmp_path):
     ckpt = _copy_layout(tiny_ckpt_dir, tmp_path / "ckpt")
-    data = (tiny_ckpt_dir / T5_CHECKPOINT).read_bytes()
-    (ckpt / T5_CHECKPOINT).unlink()
-    (ckpt / T5_CHECKPOINT).write_bytes(data[: len(data) // 2])
+    data = (tiny_ckpt_dir / T5_FILE).read_bytes()
+    (ckpt / T5_FILE).unlink()
+    (ckpt / T5_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as exc:
         TextEncoder.from_checkpoint(ckpt)
-    assert exc.value.file and exc.value.file.endswith(T5_CHECKPOINT)
+    assert exc.value.file and exc.value.file.endswith(T5_FILE)
 
 
 def test_missing_files_say_what_to_download(tiny_ckpt_dir, tmp_path):
     ckpt = _copy_layout(tiny_ckpt_dir, tmp_path / "ckpt")
-    (ckpt / T5_CHECKPOINT).unlink()
+    (ckpt / T5_FILE).unlink()
     with pytest.raises(CheckpointError, match="download") as exc:
         TextEncoder.from_checkpoint(ckpt)
-    assert exc.value.file == str(ckpt / T5_CHECKPOINT)
+    assert exc.value.file == str(ckpt / T5_FILE)
 
     ckpt2 = _copy_layout(tiny_ckpt_dir, tmp_path / "ckpt2")
     (ckpt2 / "google").unlink()
     with pytest.raises(CheckpointError, match="download") as exc:
         TextEncoder.from_checkpoint(ckpt2)
-    assert exc.value.file == str(ckpt2 / T5_TOKENIZER_DIR)
+    assert exc.value.file == str(ckpt2 / TOKENIZER_DIR)
 
 
 def test_corrupt_tokenizer_is_a_checkpoint_error(tiny_ckpt_dir, tmp_path):
     ckpt = _copy_layout(tiny_ckpt_dir, tmp_path / "ckpt")
     (ckpt / "google").unlink()
-    tok = ckpt / T5_TOKENIZER_DIR
-    shutil.copytree(tiny_ckpt_dir / T5_TOKENIZER_DIR, tok)
+    tok = ckpt / TOKENIZER_DIR
+    shutil.copytree(tiny_ckpt_dir / TOKENIZER_DIR, tok)
     for p in tok.iterdir():
         p.chmod(0o644)
     (tok / "tokenizer.json").write_text("{not json")

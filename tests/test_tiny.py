@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multitalk.models import tiny
+from multitalk.models import key_schema, official_files, tiny
 from multitalk.models.architecture import FULL_14B, TINY, detect_architecture
 
 
@@ -67,9 +67,9 @@ def test_weight_files_are_float32(written):
 
 @pytest.mark.parametrize("rel", [
     f"{tiny.CKPT_FOLDER}/config.json",
-    f"{tiny.CKPT_FOLDER}/{tiny.INDEX_FILE}",
-    f"{tiny.CKPT_FOLDER}/{tiny.TOKENIZER_SUBDIR}/tokenizer_config.json",
-    f"{tiny.CKPT_FOLDER}/{tiny.TOKENIZER_SUBDIR}/special_tokens_map.json",
+    f"{tiny.CKPT_FOLDER}/{official_files.INDEX_FILE}",
+    f"{tiny.CKPT_FOLDER}/{official_files.TOKENIZER_DIR}/tokenizer_config.json",
+    f"{tiny.CKPT_FOLDER}/{official_files.TOKENIZER_DIR}/special_tokens_map.json",
     f"{tiny.WAV2VEC_FOLDER}/config.json",
     f"{tiny.WAV2VEC_FOLDER}/preprocessor_config.json",
 ])
@@ -93,7 +93,7 @@ def test_two_runs_give_identical_bytes(written, written_again):
 
 def test_seed_changes_weights_not_layout(tmp_path, written):
     ckpt, _ = tiny.write_tiny_checkpoints(tmp_path, seed=1)
-    rel = f"{tiny.CKPT_FOLDER}/{tiny.MULTITALK_FILE}"
+    rel = f"{tiny.CKPT_FOLDER}/{official_files.MULTITALK_FILE}"
     assert _key_shapes(tmp_path / rel) == _key_shapes(written / rel)
     assert _files(tmp_path)[rel] != _files(written)[rel]
     assert json.loads((tmp_path / tiny.STAMP_NAME).read_text())["seed"] == 1
@@ -129,7 +129,7 @@ def test_detect_architecture_gives_tiny(written):
 def test_tokenizer_loads_and_round_trips(written):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(written / tiny.CKPT_FOLDER / tiny.TOKENIZER_SUBDIR))
+    tok = AutoTokenizer.from_pretrained(str(written / tiny.CKPT_FOLDER / official_files.TOKENIZER_DIR))
     assert type(tok).__name__ == "T5Tokenizer"
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
     assert len(tok) <= TINY.t5.vocab_size
@@ -146,7 +146,7 @@ def test_tokenizer_json_agrees_with_sentencepiece_model(written):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    folder = written / tiny.CKPT_FOLDER / tiny.TOKENIZER_SUBDIR
+    folder = written / tiny.CKPT_FOLDER / official_files.TOKENIZER_DIR
     sp = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
     tok = AutoTokenizer.from_pretrained(str(folder))
     text = "Two friends sit on a bench in the park; the sky is clear."
@@ -155,16 +155,16 @@ def test_tokenizer_json_agrees_with_sentencepiece_model(written):
 
 
 def test_key_shapes_reproduce_full_size_manifest(full_manifest):
-    dit = tiny.dit_key_shapes(FULL_14B.dit)
+    dit = key_schema.dit_key_shapes(FULL_14B.dit)
     expected = {
         "MeiGen-MultiTalk/multitalk.safetensors":
-            {k: s for k, s in dit.items() if tiny.is_multitalk_key(k)},
+            {k: s for k, s in dit.items() if official_files.is_audio_key(k)},
         "Wan2.1-I2V-14B-480P/diffusion_pytorch_model-*.safetensors":
-            {k: s for k, s in dit.items() if not tiny.is_multitalk_key(k)},
-        "Wan2.1-I2V-14B-480P/Wan2.1_VAE.pth": tiny.vae_key_shapes(FULL_14B.vae),
-        "Wan2.1-I2V-14B-480P/models_t5_umt5-xxl-enc-bf16.pth": tiny.t5_key_shapes(FULL_14B.t5),
+            {k: s for k, s in dit.items() if not official_files.is_audio_key(k)},
+        "Wan2.1-I2V-14B-480P/Wan2.1_VAE.pth": key_schema.vae_key_shapes(FULL_14B.vae),
+        "Wan2.1-I2V-14B-480P/models_t5_umt5-xxl-enc-bf16.pth": key_schema.t5_key_shapes(FULL_14B.t5),
         "Wan2.1-I2V-14B-480P/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth":
-            tiny.clip_key_shapes(FULL_14B.clip, tiny.CLIPTextTower()),
+            key_schema.clip_key_shapes(FULL_14B.clip, key_schema.CLIPTextTower()),
     }
     for name, shapes in expected.items():
         manifest = {k: tuple(v) for k, v in full_manifest[name]["keys"].items()}
@@ -172,7 +172,7 @@ def test_key_shapes_reproduce_full_size_manifest(full_manifest):
         assert sum(math.prod(s) for s in shapes.values()) == full_manifest["_notes"]["params"][name]
 
 
-@pytest.mark.parametrize("numbers", [tiny.TINY_WAV2VEC2, tiny.Wav2Vec2Numbers()], ids=["tiny", "base"])
+@pytest.mark.parametrize("numbers", [key_schema.TINY_WAV2VEC2, key_schema.Wav2Vec2Numbers()], ids=["tiny", "base"])
 def test_wav2vec2_keys_match_transformers_pretraining_model(numbers):
     from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
@@ -187,7 +187,7 @@ def test_wav2vec2_keys_match_transformers_pretraining_model(numbers):
         for new, old in legacy.items():
             k = k.replace(new, old)
         hf[k] = tuple(v.shape)
-    assert hf == dict(tiny.wav2vec2_key_shapes(numbers))
+    assert hf == dict(key_schema.wav2vec2_key_shapes(numbers))
 
 
 def test_initialisation_scheme(written):
@@ -205,7 +205,7 @@ def test_initialisation_scheme(written):
     col = te.pow(2).sum(0)
     assert col[120:128].sum() > 50 * col[:8].sum() and col[248:].sum() > 50 * col[128:136].sum()
     assert abs(te.pow(2).sum().item() / (64 * 256 / 256) - 1) < 0.1  # energy kept at N(0, 1/256)
-    vae = torch.load(str(ck / tiny.VAE_FILE), weights_only=True)
+    vae = torch.load(str(ck / official_files.VAE_FILE), weights_only=True)
     head = vae["decoder.head.2.weight"]
     assert abs(head.std().item() * math.sqrt(8 * 27) / 0.35 - 1) < 0.15
     assert vae["decoder.head.2.bias"].abs().max() < 0.1

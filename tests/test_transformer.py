@@ -10,7 +10,7 @@ from multitalk.errors import CheckpointError, UserInputError
 from multitalk.models.architecture import FULL_14B, TINY
 from multitalk.models.checkpoint import meta_items
 from multitalk.models.transformer import (MultiTalkTransformer3DModel, MultiTalkTransformerBlock,
-                                          _apply_rotary, build_transformer_on_meta, check_transformer_keys,
+                                          apply_rotary, build_transformer_on_meta, check_transformer_keys,
                                           convert_dit_key, keep_fp32, load_transformer)
 
 TOL = 1e-5
@@ -88,7 +88,7 @@ def test_rope_matches_official_float64_complex(dit):
     heads, d = TINY.dit.num_heads, TINY.dit.dim // TINY.dit.num_heads
     x = torch.randn(1, frames * h * w, heads, d, generator=torch.Generator().manual_seed(0))
     cos, sin = dit.rope(torch.empty(1, 36, frames, 2 * h, 2 * w))
-    ours = _apply_rotary(x, cos, sin)
+    ours = apply_rotary(x, cos, sin)
 
     def params(n, dim):
         f = torch.outer(torch.arange(n, dtype=torch.float64),

@@ -11,8 +11,8 @@ from conftest import rel_l2
 from multitalk.errors import CheckpointError, UserInputError
 from multitalk.models.architecture import FULL_14B, TINY
 from multitalk.models.checkpoint import build_on_meta, iter_torch_file, meta_items
+from multitalk.models.official_files import VAE_FILE
 from multitalk.models.vae import (
-    VAE_FILE,
     WanVAE,
     build_vae_model,
     convert_vae_key,

@@ -30,7 +30,7 @@ def run(b: Bench) -> None:
     b.report.save()
     try:
         for label in ("cold", "warm"):
-            total, stages = _clip4_once(b, engine, steps, sec)
+            total, stages = _clip4_once(b, engine, steps, sec, label)
             sec[f"{label}_total_s"], sec[f"{label}_stages_s"] = total, stages
             b.log(f"clip4 {label}: " + ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()) + f"; total {total:.1f}s")
             b.report.save()
@@ -42,7 +42,12 @@ def run(b: Bench) -> None:
                  clip4_cold_total_s=sec["cold_total_s"])
 
 
-def _clip4_once(b: Bench, engine, steps: int, sec: dict):
+def _process_rng(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.get_rng_state()]
+    return states + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+
+
+def _clip4_once(b: Bench, engine, steps: int, sec: dict, label: str):
     from multitalk.media.video import BackgroundWriter
     from multitalk.pipeline.generate import Conditions, generate
     from multitalk.pipeline.inputs import GenerationParams
@@ -68,16 +73,22 @@ def _clip4_once(b: Bench, engine, steps: int, sec: dict):
                           height=s.height, width=s.width)
         mp4 = _mp4_writer(out_dir / "clip4.mp4", s, speech, sec)
         writer = BackgroundWriter(mp4) if mp4 is not None else None  # as pipeline.render does
-        frames_seen = []
+        frames_seen, checksum = [], []
 
         def on_frames(frames: torch.Tensor) -> None:
             frames_seen.append(frames.shape[1])
+            checksum.append(float(frames.sum(dtype=torch.float64)))
             if writer is not None:
                 with timer.stage("mp4_write"):  # only a wait when the encoder thread falls behind
                     writer.write_frames(frames)
 
         # clip_encode, vae_encode, dit, vae_decode, color_correction: generate's own stage hook
+        rng = _process_rng(s.device)
         result = generate(engine, None, params, on_frames=on_frames, conditions=cond, stages=timer.stage)
+        # the noise comes from the run's own generator: the process's RNG is untouched, and the same
+        # seed gives the same frames on the cold and the warm run (a worker's jobs are reproducible)
+        sec[f"{label}_process_rng_untouched"] = all(map(torch.equal, rng, _process_rng(s.device)))
+        sec[f"{label}_frames_checksum"] = sum(checksum)
         if writer is not None:
             with timer.stage("mp4_write"):  # what is left to encode after the last frame
                 writer.close()

@@ -42,7 +42,7 @@ def run(b: Bench) -> None:
         "ffn": (ffn_fp8_filter, False),
         "ffn_cross": (ffn_cross_fp8_filter, False),
         "all": (fp8_filter(s.tiny), False),
-        "attention": (None, True),             # cuDNN fp8 self-attention (runtime.attention_fp8), linears bf16
+        "attention": (None, True),             # cuDNN fp8 self-attention (benchmarks/attention_fp8.py), linears bf16
     }
     for label, (include, fp8_attention) in variants.items():
         originals = ({n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and include(n, m)}
@@ -51,7 +51,7 @@ def run(b: Bench) -> None:
             if include is not None:
                 sec[f"fp8_{label}_quantized"] = quantize_linears_fp8(model, include=include, out_dtype=s.dtype)
             if fp8_attention:
-                from multitalk.runtime.attention_fp8 import availability, enable_fp8_self_attention
+                from attention_fp8 import availability, enable_fp8_self_attention
 
                 ok, why = availability(s.device)
                 if not ok:
@@ -76,7 +76,7 @@ def run(b: Bench) -> None:
         finally:
             restore_modules(model, originals)
             if fp8_attention:
-                from multitalk.runtime.attention_fp8 import disable_fp8_self_attention
+                from attention_fp8 import disable_fp8_self_attention
 
                 disable_fp8_self_attention(model)
             free_memory(s.device)

@@ -13,13 +13,14 @@ before parsing.
 from __future__ import annotations
 
 import logging
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from typer.core import TyperGroup
 
 from multitalk.errors import CheckpointError, MemoryPlanError, MultiTalkError, UserInputError
@@ -72,20 +73,28 @@ class _Group(TyperGroup):
         return super().parse_args(ctx, expand_multi_value_options(list(args)))
 
 
-app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+# Plain click help (rich_markup_mode=None): the rich option table cuts long option names at 80
+# columns, and the official spellings (--sample_text_guide_scale, ...) must stay readable.
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="MultiTalk: lip-synced talking video from an image, speech and a prompt.")
-weights_app = typer.Typer(no_args_is_help=True, help="Inspect or create model weight folders.")
+weights_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect or create model weight folders.")
 app.add_typer(weights_app, name="weights")
-err = Console(stderr=True)
-out = Console()
+# markup off: messages carry user text (file names like photo[draft].png, bbox hints) printed as is
+err = Console(stderr=True, markup=False, highlight=False)
+out = Console(markup=False, highlight=False)
 
 _DEBUG = False
+
+
+def _say(console: Console, text: str, label: str | None = None, style: str = "") -> None:
+    """One message, ``text`` printed literally after an optional styled ``label``."""
+    console.print(Text.assemble((f"{label} ", style), text) if label else Text(text), soft_wrap=True)
 
 
 def _fail(exc: BaseException, code: int = 2) -> None:
     if _DEBUG:
         raise exc
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    _say(err, str(exc), "error:", "bold red")
     raise typer.Exit(code)
 
 
@@ -99,13 +108,12 @@ def _run_guarded(fn):
     except MultiTalkError as exc:
         _fail(exc, 1)
     except KeyboardInterrupt:
-        err.print("interrupted")
+        _say(err, "interrupted")
         raise typer.Exit(130)
     except Exception as exc:  # anything unexpected: one line, the hint, no traceback
         if _DEBUG:
             raise
-        err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
-                  highlight=False, soft_wrap=True)
+        _say(err, f"{type(exc).__name__}: {exc} (run again with --debug for the traceback)", "error:", "bold red")
         raise typer.Exit(1)
 
 
@@ -180,7 +188,9 @@ def generate(
     color_correction_strength: float = _opt(1.0, "--color_correction_strength", "--color-correction-strength", help="0..1 colour correction toward the reference image."),
     max_frames: Optional[int] = _opt(None, "--max-frames", "--max_frames", help="Streaming: stop after N frames."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    dtype: str = _opt("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32."),
+    dtype: str = _opt("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32 (float32 everywhere, no TF32)."),
+    vae_dtype: str = _opt("auto", "--vae-dtype", "--vae_dtype", help="VAE dtype: auto (the same as --dtype), bfloat16, float32."),
+    noise_device: str = _opt("engine", "--noise-device", "--noise_device", help="Where the seeded noise is drawn: engine (the official: per device) or cpu (the same video on any device)."),
     offload: bool = _opt(False, "--offload_model", "--offload-model", "--offload", help="Encoders and VAE leave the GPU between uses."),
     fp8: bool = _opt(False, "--fp8", help="FP8 compute: the DiT's feed-forward linears in e4m3 (Ada/Hopper matmuls)."),
     weights: str = _opt("auto", "--weights", help="DiT block weights: auto/bf16 (the compute dtype) or fp8 (e4m3, half the memory)."),
@@ -209,7 +219,7 @@ def generate(
         if json_path is not None:
             spec, warnings = load_input_json(json_path)
             for w in warnings:
-                err.print(f"[yellow]warning:[/] {w}")
+                _say(err, w, "warning:", "yellow")
         else:
             if image is None or audio is None:
                 raise UserInputError("input_json", "no input given",
@@ -217,8 +227,8 @@ def generate(
             cond_audio = {"person1": str(audio)}
             if audio2 is not None:
                 cond_audio["person2"] = str(audio2)
-            spec = InputSpec.model_validate({"prompt": prompt or "", "cond_image": str(image),
-                                             "cond_audio": cond_audio, "audio_type": audio_type})
+            spec = InputSpec.from_dict({"prompt": prompt or "", "cond_image": str(image),
+                                        "cond_audio": cond_audio, "audio_type": audio_type})
         options = dict(sample_steps=sample_steps, sample_shift=sample_shift, text_guide_scale=text_scale,
                        audio_guide_scale=audio_scale)
         if recipe is not None:  # the recipe's values for what the command line left at its defaults
@@ -227,52 +237,57 @@ def generate(
             size=size, frame_num=frame_num, motion_frame=motion_frame, mode=mode, seed=seed, recipe=recipe,
             n_prompt=n_prompt, use_teacache=use_teacache, teacache_thresh=teacache_thresh, use_apg=use_apg,
             apg_momentum=apg_momentum, apg_norm_threshold=apg_norm_threshold,
-            color_correction_strength=color_correction_strength, max_frames=max_frames, **options)
+            color_correction_strength=color_correction_strength, max_frames=max_frames,
+            noise_device=noise_device, **options)
         loras = lora_specs(lora_dir, lora_scale)
         if params.recipe is not None and not loras:
-            err.print(f"[yellow]warning:[/] --recipe {params.recipe} without --lora_dir: {params.sample_steps} steps "
-                      f"of the base model give a blurred video (the recipe is made for "
-                      f"{RECIPE_FILES[params.recipe]})")
+            _say(err, f"--recipe {params.recipe} without --lora_dir: {params.sample_steps} steps of the base model "
+                      f"give a blurred video (the recipe is made for {RECIPE_FILES[params.recipe]})",
+                 "warning:", "yellow")
+        stem = json_path.stem if json_path is not None else "multitalk"
         if out_path is not None:
-            target = out_path
+            field, target = "out", out_path
         elif save_file is not None:
-            target = Path(save_file if save_file.endswith(".mp4") else save_file + ".mp4")
+            field, target = "save_file", Path(save_file)
         else:
-            stem = json_path.stem if json_path is not None else "multitalk"
-            target = Path("outputs") / f"{stem}.mp4"
+            field, target = "out", Path("outputs") / f"{stem}.mp4"
         if preset is None and ckpt_dir is None:
             raise UserInputError("ckpt_dir", "no model weights given",
                                  "pass --ckpt-dir and --wav2vec-dir (official folders), or --preset tiny")
         from multitalk.pipeline.generate import prepare_media
         from multitalk.pipeline.render import check_output_path
 
-        check_output_path(target)
+        config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
+                              preset=preset, device=device, dtype=dtype, vae_dtype=vae_dtype, offload=offload,
+                              fp8=fp8, compile=compile, attention=attention, loras=loras, weights=weights,
+                              fp8_matmul=fp8_matmul, max_vram_gib=max_vram,
+                              num_persistent_param_in_dit=persistent_params)
+        config.check()  # folders, device, dtypes and attention: before anything is decoded or loaded
+        target = check_output_path(target, field=field, stem=stem)
+        if save_tensor is not None:
+            check_output_path(save_tensor, field="save_tensor", suffix=None)
         media = prepare_media(spec, params)  # every input problem surfaces before models load
         from multitalk.pipeline.memory import workload_of
 
-        config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
-                              preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                              compile=compile, attention=attention, loras=loras, weights=weights,
-                              fp8_matmul=fp8_matmul, max_vram_gib=max_vram, num_persistent_param_in_dit=persistent_params,
-                              workload=workload_of(media, params))
+        config = replace(config, workload=workload_of(media, params))
         t0 = time.perf_counter()
         with err.status("loading models ..."):
             engine = Engine.load(config)
-        err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, {engine.dtype}, "
-                  f"{engine.attention} attention)")
+        _say(err, f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, "
+                  f"{engine.dtype}, {engine.attention} attention)")
         if engine.plan is not None:
-            err.print(engine.plan.summary(), highlight=False, soft_wrap=True)
+            _say(err, engine.plan.summary())
         for line in engine.lora_report.lines():
-            err.print(line, highlight=False)
+            _say(err, line)
         from multitalk.pipeline.guidance import branch_names
 
         passes = len(branch_names(params.text_guide_scale, params.audio_guide_scale))
-        err.print(f"sampling: {params.sample_steps} steps x {passes} model passes per clip (shift {params.shift:g}, "
-                  f"text guide {params.text_guide_scale:g}, audio guide {params.audio_guide_scale:g})", highlight=False)
+        _say(err, f"sampling: {params.sample_steps} steps x {passes} model passes per clip (shift {params.shift:g}, "
+                  f"text guide {params.text_guide_scale:g}, audio guide {params.audio_guide_scale:g})")
         with ProgressView(console=err, enabled=not quiet) as view:
             result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
                             progress=view.update)
-        out.print(f"wrote {target} ({result.frames} frames, {result.width}x{result.height}, "
+        _say(out, f"wrote {target} ({result.frames} frames, {result.width}x{result.height}, "
                   f"{result.duration_s:.2f}s, seed {result.seed}) in {time.perf_counter() - t0:.1f}s")
 
     _run_guarded(run)
@@ -296,16 +311,17 @@ def demo(
         from multitalk.pipeline.demo_inputs import write_demo_inputs
 
         json_path = write_demo_inputs(workdir)
-        err.print(f"demo inputs written to {json_path.parent}")
+        _say(err, f"demo inputs written to {json_path.parent}")
         generate(ctx=None, input_json=json_path, input_json_opt=None, image=None, audio=None, audio2=None, prompt=None,
                  audio_type="add", out_path=out_path, save_file=None, ckpt_dir=None, multitalk_dir=None,
                  wav2vec_dir=None, preset="tiny", size=size, frame_num=frame_num,
                  motion_frame=motion_frame, mode="streaming", sample_steps=steps, sample_shift=None,
                  text_scale=5.0, audio_scale=4.0, seed=42, n_prompt="", use_teacache=False, teacache_thresh=0.2,
                  use_apg=False, apg_momentum=-0.75, apg_norm_threshold=55.0, color_correction_strength=0.0,
-                 max_frames=None, device="cpu", dtype="float32", offload=False, fp8=False, attention="sdpa", compile=False,
-                 weights="auto", fp8_matmul=None, max_vram=None, persistent_params=None,
-                 save_tensor=None, quiet=False, debug=debug, lora_dir=None, lora_scale=None, recipe=None)
+                 max_frames=None, device="cpu", dtype="float32", vae_dtype="auto", noise_device="engine",
+                 offload=False, fp8=False, attention="sdpa", compile=False, weights="auto", fp8_matmul=None,
+                 max_vram=None, persistent_params=None, save_tensor=None, quiet=False, debug=debug, lora_dir=None,
+                 lora_scale=None, recipe=None)
 
     _run_guarded(run)
 
@@ -320,21 +336,20 @@ def weights_check(
     _DEBUG = debug
 
     def run():
-        from multitalk.pipeline.weights import check_folders
+        from multitalk.models.weights_check import check_folders
 
         reports = check_folders(dirs)
         bad = False
         for rep in reports:
-            status = "[green]ok[/]" if rep.ok else "[red]PROBLEM[/]"
-            out.print(f"{status} {rep.summary()}")
+            _say(out, rep.summary(), *(("ok", "green") if rep.ok else ("PROBLEM", "red")))
             for f in rep.missing_files:
-                out.print(f"    missing file: {f}")
+                _say(out, f"    missing file: {f}")
             for k in rep.missing[:10]:
-                out.print(f"    missing key: {k}")
+                _say(out, f"    missing key: {k}")
             for k in rep.unexpected[:10]:
-                out.print(f"    unexpected key: {k}")
+                _say(out, f"    unexpected key: {k}")
             for k, exp, got, f in rep.mismatched[:10]:
-                out.print(f"    shape mismatch: {k} expected {exp} got {got} in {f}")
+                _say(out, f"    shape mismatch: {k} expected {exp} got {got} in {f}")
             bad |= not rep.ok
         if bad:
             raise typer.Exit(1)
@@ -350,10 +365,10 @@ def weights_make_tiny(
 ):
     """Write the tiny random-weight folders (official layout, deterministic)."""
     def run():
-        from multitalk.pipeline.weights import write_tiny_checkpoints
+        from multitalk.models.tiny import write_tiny_checkpoints
 
         ckpt, w2v = write_tiny_checkpoints(out_dir, seed=seed, force=force)
-        out.print(f"wrote {ckpt} and {w2v}")
+        _say(out, f"wrote {ckpt} and {w2v}")
 
     _run_guarded(run)
 
@@ -445,7 +460,7 @@ def worker(
                                dict(max_vram_gib=max_vram, weights=None if weights == "auto" else weights,
                                     num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8))
         n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs, db=db)
-        out.print(f"worker processed {n} jobs")
+        _say(out, f"worker processed {n} jobs")
 
     _run_guarded(run)
 

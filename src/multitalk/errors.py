@@ -42,6 +42,10 @@ class CheckpointError(MultiTalkError, ValueError):
         super().__init__("; ".join(parts))
 
 
+class GenerationError(MultiTalkError):
+    """The generation itself went wrong (NaN or Inf in the latents or frames): nothing is written."""
+
+
 class MemoryPlanError(MultiTalkError):
     """The GPU memory cannot hold this generation with these settings: what it needs, what there is,
     and the setting to try (``fix``). Raised before sampling by the memory plan, and for an

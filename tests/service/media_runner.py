@@ -22,8 +22,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from multitalk.errors import UserInputError
-from multitalk.service.runner import JobCancelled
+from multitalk.errors import JobCancelled, UserInputError
 
 FPS = 25
 SR = 16000

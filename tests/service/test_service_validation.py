@@ -34,6 +34,7 @@ def _problems(r: httpx.Response) -> dict[str, str]:
     ({"mode": "streaming", "max_frames": 0}, "params.max_frames", "greater than or equal to 1"),
     ({"color_correction_strength": 1.5}, "params.color_correction_strength", "less than or equal"),
     ({"use_teacache": True, "teacache_thres": 0.3}, "params.teacache_thres", "Extra inputs"),
+    ({"offload_model": True}, "params.offload_model", "engine setting"),
 ])
 def test_bad_params_are_422_with_the_field(svc, uploaded, params, field, words):
     image, audio = uploaded

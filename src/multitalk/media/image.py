@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from multitalk.errors import UserInputError
 
@@ -48,7 +48,9 @@ BUCKETS: dict[str, dict[str, tuple[int, int]]] = {
 
 
 def load_image(path: str | os.PathLike, field: str = "cond_image") -> Image.Image:
-    """Open an image file as RGB (an alpha channel is dropped, not composited, as the official code does)."""
+    """Open an image file as RGB, upright (an alpha channel is dropped, not composited, as the official
+    code does). The EXIF orientation is applied (``ImageOps.exif_transpose``): a portrait phone
+    photo stored sideways comes out as it is displayed. The official code ignores it."""
     p = Path(path)
     if not p.exists():
         raise UserInputError(field, f"image file not found: {p}", "check the path of the conditioning image")
@@ -59,7 +61,7 @@ def load_image(path: str | os.PathLike, field: str = "cond_image") -> Image.Imag
             if img.width == 0 or img.height == 0:
                 raise UserInputError(field, f"{p.name} has zero size ({img.width}x{img.height})",
                                      "use a non-empty image")
-            rgb = img.convert("RGB")
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
     except UserInputError:
         raise
     except UnidentifiedImageError as exc:

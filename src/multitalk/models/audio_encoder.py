@@ -36,14 +36,14 @@ from multitalk.models.checkpoint import (
     LoadReport,
     SourceItem,
     build_on_meta,
-    iter_safetensors,
     iter_torch_file,
     load_converted,
     materialize_remaining,
+    read_safetensors,
 )
+from multitalk.models.official_files import WAV2VEC_PREPROCESSOR_FILE, WAV2VEC_WEIGHT_FILES
 
 SAMPLE_RATE = 16000
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _DOWNLOAD_HINT = ("download it from Hugging Face (huggingface-cli download TencentGameMate/"
                   "chinese-wav2vec2-base --local-dir <wav2vec_dir>)")
 
@@ -110,15 +110,15 @@ def load_wav2vec2_weights(model: Wav2Vec2Model, items: Iterable[SourceItem], *,
 
 
 def find_weight_file(wav2vec_dir: Path) -> Path:
-    for name in WEIGHT_FILES:
+    for name in WAV2VEC_WEIGHT_FILES:
         if (wav2vec_dir / name).is_file():
             return wav2vec_dir / name
-    raise CheckpointError(f"wav2vec2 weights not found (expected {' or '.join(WEIGHT_FILES)}); "
-                          f"{_DOWNLOAD_HINT}", file=str(wav2vec_dir / WEIGHT_FILES[0]))
+    raise CheckpointError(f"wav2vec2 weights not found (expected {' or '.join(WAV2VEC_WEIGHT_FILES)}); "
+                          f"{_DOWNLOAD_HINT}", file=str(wav2vec_dir / WAV2VEC_WEIGHT_FILES[0]))
 
 
 def _iter_weights(path: Path) -> Iterable[SourceItem]:
-    return iter_safetensors(path) if path.suffix == ".safetensors" else iter_torch_file(path)
+    return read_safetensors(path) if path.suffix == ".safetensors" else iter_torch_file(path)
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -159,7 +159,7 @@ class AudioEncoder:
         wav2vec_dir = Path(wav2vec_dir)
         if not wav2vec_dir.is_dir():
             raise CheckpointError(f"wav2vec2 folder not found; {_DOWNLOAD_HINT}", file=str(wav2vec_dir))
-        for name in ("config.json", "preprocessor_config.json"):
+        for name in ("config.json", WAV2VEC_PREPROCESSOR_FILE):
             if not (wav2vec_dir / name).is_file():
                 raise CheckpointError(f"wav2vec2 {name} not found; {_DOWNLOAD_HINT}",
                                       file=str(wav2vec_dir / name))

@@ -6,7 +6,7 @@ the official module names. Each component module provides a *converter*: a funct
 tensors of the library model (diffusers / transformers). :func:`load_converted` then
 
 * builds nothing itself: the caller passes a model constructed on the ``meta`` device;
-* reads the source files one tensor at a time (safetensors lazily, ``.pth`` via ``mmap``),
+* reads the source files one tensor at a time (safetensors with plain file I/O, ``.pth`` via ``mmap``),
 * converts, checks the shape against the model, casts *that tensor* to the target dtype (or keeps
   float32 for the parameters the model keeps in float32), and assigns it,
 
@@ -25,28 +25,60 @@ from pathlib import Path
 import torch
 
 from multitalk.errors import CheckpointError
+from multitalk.models.official_files import SAFETENSORS_DTYPES, read_safetensors_header
 
 Converter = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
 # A source item: (official key, tensor, file it came from)
 SourceItem = tuple[str, torch.Tensor, str]
 
 
-def iter_safetensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> Iterator[SourceItem]:
-    """Yield ``(key, tensor, file)`` from a safetensors file, one tensor at a time."""
-    from safetensors import safe_open
+_CHUNK_BYTES = 8 << 20
 
+
+def read_safetensors(path: str | Path, keys: Iterable[str] | None = None,
+                     dtype_for: Callable[[str], torch.dtype | None] | None = None) -> Iterator[SourceItem]:
+    """Yield ``(key, tensor, file name)`` reading each tensor with plain file I/O into its own buffer.
+
+    Unlike a memory map, nothing of the file stays mapped (or resident) once a tensor has been
+    converted and dropped. ``dtype_for(key)`` (optional) names the dtype a floating tensor should
+    arrive in; it is then cast while reading, in 8 MiB chunks, so no full-size copy in the file's
+    dtype is ever made: loading peaks at the model size plus one chunk.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("weight file not found", file=str(path))
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            wanted = list(f.keys()) if keys is None else list(keys)
-            for key in wanted:
-                yield key, f.get_tensor(key), path.name
-    except CheckpointError:
-        raise
-    except Exception as exc:  # corrupt header, truncated file
-        raise CheckpointError(f"cannot read safetensors file ({exc})", file=str(path)) from exc
+    header, start, _ = read_safetensors_header(path)
+    wanted = sorted(header, key=lambda k: header[k]["data_offsets"][0]) if keys is None else list(keys)
+    chunk = None
+    with open(path, "rb") as f:
+        for key in wanted:
+            entry = header.get(key)
+            if entry is None:
+                raise CheckpointError("tensor listed in the index is not in the file", file=path.name, key=key)
+            src = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if src is None:
+                raise CheckpointError(f"unsupported dtype {entry['dtype']}", file=path.name, key=key)
+            begin, end = entry["data_offsets"]
+            nbytes = end - begin
+            f.seek(start + begin)
+            dst = dtype_for(key) if dtype_for is not None else None
+            if dst is None or dst == src or not src.is_floating_point:
+                buf = torch.empty(nbytes, dtype=torch.uint8)
+                if nbytes and f.readinto(buf.numpy()) != nbytes:
+                    raise CheckpointError("file is truncated", file=path.name, key=key)
+                yield key, buf.view(src).reshape(entry["shape"]), path.name
+                continue
+            out = torch.empty(entry["shape"], dtype=dst).view(-1)
+            if chunk is None:
+                chunk = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
+            step = _CHUNK_BYTES - _CHUNK_BYTES % src.itemsize
+            done = 0
+            while done < nbytes:
+                n = min(step, nbytes - done)
+                if f.readinto(chunk[:n].numpy()) != n:
+                    raise CheckpointError("file is truncated", file=path.name, key=key)
+                first = done // src.itemsize
+                out[first:first + n // src.itemsize].copy_(chunk[:n].view(src))
+                done += n
+            yield key, out.view(entry["shape"]), path.name
 
 
 def iter_torch_file(path: str | os.PathLike, prefix: str | None = None) -> Iterator[SourceItem]:

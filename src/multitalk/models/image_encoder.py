@@ -43,8 +43,8 @@ from multitalk.models.checkpoint import (
     iter_torch_file,
     load_converted,
 )
+from multitalk.models.official_files import CLIP_FILE
 
-CLIP_CHECKPOINT = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -141,7 +141,7 @@ def clip_converter(cfg: CLIPVisionConfig) -> Converter:
 
 
 def check_clip_shapes(cfg: CLIPVisionConfig, shapes: Mapping[str, Sequence[int]],
-                      file: str = CLIP_CHECKPOINT) -> None:
+                      file: str = CLIP_FILE) -> None:
     """Cross-check the architecture's CLIP numbers against the checkpoint's ``visual.*`` shapes."""
     def shape_of(key: str) -> tuple[int, ...]:
         if key not in shapes:
@@ -209,9 +209,9 @@ class ImageEncoder(torch.nn.Module):
                 raise CheckpointError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
             arch = ARCHITECTURES[arch]
         cfg = arch.clip
-        path = ckpt_dir / CLIP_CHECKPOINT
+        path = ckpt_dir / CLIP_FILE
         if not path.is_file():
-            raise CheckpointError(f"CLIP weights not found: the checkpoint folder has no {CLIP_CHECKPOINT}",
+            raise CheckpointError(f"CLIP weights not found: the checkpoint folder has no {CLIP_FILE}",
                                   file=str(path))
         # Memory-mapped pass over the shapes only (reads no tensor data).
         shapes = {k: tuple(v.shape) for k, v, _ in iter_torch_file(path, prefix=_PREFIX)}
@@ -271,5 +271,5 @@ def _as_frames(frame) -> torch.Tensor:
     return frame
 
 
-__all__: list[str] = ["CLIP_CHECKPOINT", "CLIP_MEAN", "CLIP_STD", "ImageEncoder", "build_clip_on_meta",
+__all__: list[str] = ["CLIP_MEAN", "CLIP_STD", "ImageEncoder", "build_clip_on_meta",
                       "check_clip_shapes", "clip_converter", "clip_vision_config", "load_clip_weights"]

@@ -59,7 +59,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from multitalk.errors import UserInputError
+from multitalk.errors import CheckpointError, UserInputError
+from multitalk.models.official_files import read_safetensors_header
 from multitalk.models.transformer import convert_dit_key, official_dit_key
 
 log = logging.getLogger(__name__)
@@ -169,20 +170,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def _header(path: Path, index: int | None) -> tuple[dict[str, tuple], dict[str, str], dict[str, str]]:
     """``(shape per key, dtype per key, metadata)`` from the safetensors header (no tensor data read)."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes, dtypes = {}, {}
-            for key in f.keys():
-                view = f.get_slice(key)
-                shapes[key], dtypes[key] = tuple(view.get_shape()), view.get_dtype()
-            metadata = f.metadata() or {}
-    except Exception as exc:  # not safetensors, truncated, corrupt header
-        raise LoraError(f"not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]})",
-                        file=path.name, index=index,
+        header = read_safetensors_header(path)
+    except CheckpointError as exc:  # not safetensors, truncated, corrupt header
+        raise LoraError(f"not a readable safetensors file ({str(exc)[:200]})", file=path.name, index=index,
                         fix="LoRAs are read from .safetensors files only (a .pt/.ckpt file must be converted)") from None
-    return shapes, dtypes, metadata
+    shapes = {k: tuple(e["shape"]) for k, e in header.entries.items()}
+    return shapes, {k: e["dtype"] for k, e in header.entries.items()}, header.metadata
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,7 +596,7 @@ def random_official_lora(dit, rank: int = 32, seed: int = 0, *, diffs: bool = Tr
     their biases and a ``.diff`` of the q/k norms and ``norm3``. ``up @ down`` is about ``strength``
     times the size of a weight ~ N(0, 1/fan_in).
     """
-    from multitalk.models.tiny import dit_key_shapes
+    from multitalk.models.key_schema import dit_key_shapes
 
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}

@@ -41,9 +41,8 @@ from multitalk.models.checkpoint import (
     iter_torch_file,
     load_converted,
 )
+from multitalk.models.official_files import T5_FILE, TOKENIZER_DIR
 
-T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
-T5_TOKENIZER_DIR = "google/umt5-xxl"
 _DOWNLOAD_HINT = ("download the Wan2.1-I2V-14B-480P folder from Hugging Face "
                   "(huggingface-cli download Wan-AI/Wan2.1-I2V-14B-480P --local-dir <ckpt_dir>)")
 
@@ -123,7 +122,7 @@ def convert_t5_key(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tens
     return [(key, tensor)]
 
 
-def check_t5_shapes(t5: T5Config, shapes: dict[str, Sequence[int]], file: str = T5_CHECKPOINT) -> None:
+def check_t5_shapes(t5: T5Config, shapes: dict[str, Sequence[int]], file: str = T5_FILE) -> None:
     """Cross-check the architecture's umT5 numbers against the checkpoint's tensor shapes.
 
     vocab/dim from ``token_embedding``, heads/buckets from ``pos_embedding`` ``[buckets, heads]``,
@@ -172,7 +171,7 @@ def load_t5_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"umT5 tokenizer folder not found; {_DOWNLOAD_HINT} "
-                              f"(it contains {T5_TOKENIZER_DIR}/)", file=str(path))
+                              f"(it contains {TOKENIZER_DIR}/)", file=str(path))
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
@@ -206,15 +205,15 @@ class TextEncoder:
         ckpt_dir = Path(ckpt_dir)
         arch = arch if arch is not None else detect_architecture(ckpt_dir)
         t5 = arch.t5
-        weights = ckpt_dir / T5_CHECKPOINT
+        weights = ckpt_dir / T5_FILE
         if not weights.is_file():
             raise CheckpointError(f"umT5 weight file not found; {_DOWNLOAD_HINT}", file=str(weights))
-        tokenizer = load_t5_tokenizer(ckpt_dir / T5_TOKENIZER_DIR)
+        tokenizer = load_t5_tokenizer(ckpt_dir / TOKENIZER_DIR)
         if len(tokenizer) > t5.vocab_size:
             raise CheckpointError(
                 f"the tokenizer has {len(tokenizer)} tokens, more than the encoder's vocabulary "
                 f"({t5.vocab_size}); tokenizer and weights belong to different models",
-                file=str(ckpt_dir / T5_TOKENIZER_DIR))
+                file=str(ckpt_dir / TOKENIZER_DIR))
         # Memory-mapped pass over the shapes only (reads no tensor data).
         check_t5_shapes(t5, {k: tuple(v.shape) for k, v, _ in iter_torch_file(weights)}, file=str(weights))
         model = build_umt5_on_meta(t5)

@@ -10,8 +10,8 @@ the real ones (only :data:`~multitalk.models.architecture.TINY` differs):
   ``multitalk/assets/tokenizer_corpus.txt``);
 * ``chinese-wav2vec2-tiny/``: HF ``Wav2Vec2ForPreTraining``-style ``model.safetensors`` + configs.
 
-Every key name and shape comes from the ``*_key_shapes`` functions below, which derive the
-official listing from the architecture numbers (the same functions give the full-size listing).
+Every key name and shape comes from :mod:`multitalk.models.key_schema` (the same listing as the
+full-size files, from the tiny numbers) and every file name from :mod:`multitalk.models.official_files`.
 Weights follow the golden initialisation scheme: matrices ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2),
 norm scales ~ 1 + N(0, 0.1^2), plus a few exceptions that keep generated videos in range. Random
 numbers are drawn in float64 from a per-component CPU ``torch.Generator`` (the float64 normal
@@ -28,317 +28,29 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 import torch
 
-from multitalk.models.architecture import (TINY, Architecture, CLIPVisionConfig, DiTConfig,
-                                           T5Config, VAEConfig)
+from multitalk.models.architecture import TINY, Architecture
+from multitalk.models.key_schema import (TINY_CLIP_TEXT, TINY_WAV2VEC2, CLIPTextTower, Shape, Wav2Vec2Numbers,
+                                         clip_key_shapes, dit_key_shapes, t5_key_shapes, vae_key_shapes,
+                                         wav2vec2_key_shapes)
+from multitalk.models.official_files import (CLIP_FILE, CONFIG_FILE, INDEX_FILE, MULTITALK_FILE, T5_FILE,
+                                             TOKENIZER_DIR, VAE_FILE, WAV2VEC_PREPROCESSOR_FILE,
+                                             WAV2VEC_WEIGHT_FILES, is_audio_key, shard_name)
 
 #: Bump when the written bytes change; a folder whose stamp differs is rewritten.
 WRITER_VERSION = 1
 STAMP_NAME = ".multitalk-tiny.json"
 CKPT_FOLDER = "Wan2.1-I2V-tiny"
 WAV2VEC_FOLDER = "chinese-wav2vec2-tiny"
-TOKENIZER_SUBDIR = "google/umt5-xxl"
-
-DIT_SHARDS = ("diffusion_pytorch_model-00001-of-00002.safetensors",
-              "diffusion_pytorch_model-00002-of-00002.safetensors")
-MULTITALK_FILE = "multitalk.safetensors"
-INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
-VAE_FILE = "Wan2.1_VAE.pth"
-T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
-CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+DIT_SHARDS = (shard_name(1, 2), shard_name(2, 2))
+WAV2VEC_WEIGHTS = WAV2VEC_WEIGHT_FILES[0]  # model.safetensors
 
 # Per-component generator offsets: generator seed = seed * 256 + offset.
 _SEED_OFFSETS = {"dit": 1, "vae": 2, "t5": 3, "clip": 4, "wav2vec2": 5}
-
-Shape = tuple[int, ...]
-
-
-# ---------------------------------------------------------------------------------------------
-# Numbers the architecture table does not hold (towers MultiTalk never runs, wav2vec2 details)
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CLIPTextTower:
-    """XLM-RoBERTa text tower stored in the CLIP file (unused by MultiTalk, but in the file)."""
-    vocab_size: int = 250002
-    dim: int = 1024
-    num_heads: int = 16
-    num_layers: int = 24
-    max_text_len: int = 514
-    type_size: int = 1
-
-
-@dataclass(frozen=True)
-class Wav2Vec2Numbers:
-    """Hyper-parameters of a chinese-wav2vec2 ``Wav2Vec2ForPreTraining`` checkpoint."""
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    conv_dim: tuple[int, ...] = (512,) * 7
-    conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
-    conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
-    num_conv_pos_embeddings: int = 128
-    num_conv_pos_embedding_groups: int = 16
-    num_codevector_groups: int = 2
-    num_codevectors_per_group: int = 320
-    codevector_dim: int = 256
-    proj_codevector_dim: int = 256
-
-
-TINY_CLIP_TEXT = CLIPTextTower(vocab_size=64, dim=16, num_heads=2, num_layers=1)
-TINY_WAV2VEC2 = Wav2Vec2Numbers(
-    hidden_size=TINY.dit.audio_channels, num_hidden_layers=TINY.dit.audio_blocks,
-    num_attention_heads=2, intermediate_size=2 * TINY.dit.audio_channels,
-    conv_dim=(TINY.dit.audio_channels,) * 7, num_codevectors_per_group=8, codevector_dim=16,
-    proj_codevector_dim=16)
-
-
-# ---------------------------------------------------------------------------------------------
-# Official key -> shape listings (module order of the official code)
-# ---------------------------------------------------------------------------------------------
-
-def _linear(prefix: str, out_f: int, in_f: int, bias: bool = True) -> Iterator[tuple[str, Shape]]:
-    yield f"{prefix}.weight", (out_f, in_f)
-    if bias:
-        yield f"{prefix}.bias", (out_f,)
-
-
-def _norm(prefix: str, dim: int, bias: bool = True) -> Iterator[tuple[str, Shape]]:
-    yield f"{prefix}.weight", (dim,)
-    if bias:
-        yield f"{prefix}.bias", (dim,)
-
-
-def is_multitalk_key(key: str) -> bool:
-    """Keys of ``multitalk.safetensors`` (the audio adapter); the rest are base Wan keys."""
-    return "audio_cross_attn" in key or "norm_x" in key or "audio_proj" in key
-
-
-def dit_key_shapes(d: DiTConfig) -> OrderedDict[str, Shape]:
-    """``WanModel`` (multitalk_model.py) state-dict keys and shapes, base and audio keys."""
-    out: OrderedDict[str, Shape] = OrderedDict()
-
-    def add(items):
-        out.update(items)
-
-    pt, ph, pw = d.patch_size
-    add([("patch_embedding.weight", (d.dim, d.in_dim, pt, ph, pw)), ("patch_embedding.bias", (d.dim,))])
-    add(_linear("text_embedding.0", d.dim, d.text_dim))
-    add(_linear("text_embedding.2", d.dim, d.dim))
-    add(_linear("time_embedding.0", d.dim, d.freq_dim))
-    add(_linear("time_embedding.2", d.dim, d.dim))
-    add(_linear("time_projection.1", 6 * d.dim, d.dim))
-    for i in range(d.num_layers):
-        b = f"blocks.{i}"
-        out[f"{b}.modulation"] = (1, 6, d.dim)
-        for name in ("q", "k", "v", "o"):
-            add(_linear(f"{b}.self_attn.{name}", d.dim, d.dim))
-        add(_norm(f"{b}.self_attn.norm_q", d.dim, bias=False))
-        add(_norm(f"{b}.self_attn.norm_k", d.dim, bias=False))
-        add(_norm(f"{b}.norm3", d.dim))
-        for name in ("q", "k", "v", "o"):
-            add(_linear(f"{b}.cross_attn.{name}", d.dim, d.dim))
-        add(_norm(f"{b}.cross_attn.norm_q", d.dim, bias=False))
-        add(_norm(f"{b}.cross_attn.norm_k", d.dim, bias=False))
-        add(_linear(f"{b}.cross_attn.k_img", d.dim, d.dim))
-        add(_linear(f"{b}.cross_attn.v_img", d.dim, d.dim))
-        add(_norm(f"{b}.cross_attn.norm_k_img", d.dim, bias=False))
-        add(_linear(f"{b}.ffn.0", d.ffn_dim, d.dim))
-        add(_linear(f"{b}.ffn.2", d.dim, d.ffn_dim))
-        add(_linear(f"{b}.audio_cross_attn.q_linear", d.dim, d.dim))
-        add(_linear(f"{b}.audio_cross_attn.kv_linear", 2 * d.dim, d.output_dim))
-        add(_linear(f"{b}.audio_cross_attn.proj", d.dim, d.dim))
-        if d.norm_input_visual:
-            add(_norm(f"{b}.norm_x", d.dim))
-    out["head.modulation"] = (1, 2, d.dim)
-    add(_linear("head.head", pt * ph * pw * d.out_dim, d.dim))
-    add(_norm("img_emb.proj.0", d.clip_dim))
-    add(_linear("img_emb.proj.1", d.clip_dim, d.clip_dim))
-    add(_linear("img_emb.proj.3", d.dim, d.clip_dim))
-    add(_norm("img_emb.proj.4", d.dim))
-    per_frame = d.audio_blocks * d.audio_channels
-    add(_linear("audio_proj.proj1", d.intermediate_dim, d.audio_window * per_frame))
-    add(_linear("audio_proj.proj1_vf", d.intermediate_dim,
-                (d.audio_window + d.vae_scale - 1) * per_frame))
-    add(_linear("audio_proj.proj2", d.intermediate_dim, d.intermediate_dim))
-    add(_linear("audio_proj.proj3", d.context_tokens * d.output_dim, d.intermediate_dim))
-    if d.norm_output_audio:
-        add(_norm("audio_proj.norm", d.output_dim))
-    return out
-
-
-def vae_key_shapes(v: VAEConfig) -> OrderedDict[str, Shape]:
-    """``WanVAE_`` (vae.py) state-dict keys and shapes (no attention scales, as configured)."""
-    out: OrderedDict[str, Shape] = OrderedDict()
-
-    def conv3d(p, o, i, k=(3, 3, 3)):
-        out[f"{p}.weight"] = (o, i, *k)
-        out[f"{p}.bias"] = (o,)
-
-    def residual(p, i, o):
-        out[f"{p}.residual.0.gamma"] = (i, 1, 1, 1)
-        conv3d(f"{p}.residual.2", o, i)
-        out[f"{p}.residual.3.gamma"] = (o, 1, 1, 1)
-        conv3d(f"{p}.residual.6", o, o)
-        if i != o:
-            conv3d(f"{p}.shortcut", o, i, (1, 1, 1))
-
-    def attention(p, c):
-        out[f"{p}.norm.gamma"] = (c, 1, 1)
-        out[f"{p}.to_qkv.weight"] = (3 * c, c, 1, 1)
-        out[f"{p}.to_qkv.bias"] = (3 * c,)
-        out[f"{p}.proj.weight"] = (c, c, 1, 1)
-        out[f"{p}.proj.bias"] = (c,)
-
-    def resample(p, c, mode):
-        o = c // 2 if mode.startswith("up") else c
-        out[f"{p}.resample.1.weight"] = (o, c, 3, 3)
-        out[f"{p}.resample.1.bias"] = (o,)
-        if mode == "downsample3d":
-            conv3d(f"{p}.time_conv", c, c, (3, 1, 1))
-        elif mode == "upsample3d":
-            conv3d(f"{p}.time_conv", 2 * c, c, (3, 1, 1))
-
-    levels = len(v.dim_mult)
-    # encoder
-    dims = [v.base_dim * m for m in (1, *v.dim_mult)]
-    conv3d("encoder.conv1", dims[0], 3)
-    n = 0
-    for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-        for _ in range(v.num_res_blocks):
-            residual(f"encoder.downsamples.{n}", cin, cout)
-            cin, n = cout, n + 1
-        if i != levels - 1:
-            resample(f"encoder.downsamples.{n}", cout,
-                     "downsample3d" if v.temperal_downsample[i] else "downsample2d")
-            n += 1
-    top = dims[-1]
-    residual("encoder.middle.0", top, top)
-    attention("encoder.middle.1", top)
-    residual("encoder.middle.2", top, top)
-    out["encoder.head.0.gamma"] = (top, 1, 1, 1)
-    conv3d("encoder.head.2", 2 * v.z_dim, top)
-    conv3d("conv1", 2 * v.z_dim, 2 * v.z_dim, (1, 1, 1))
-    conv3d("conv2", v.z_dim, v.z_dim, (1, 1, 1))
-    # decoder
-    dims = [v.base_dim * m for m in (v.dim_mult[-1], *reversed(v.dim_mult))]
-    temporal_up = tuple(reversed(v.temperal_downsample))
-    conv3d("decoder.conv1", dims[0], v.z_dim)
-    residual("decoder.middle.0", dims[0], dims[0])
-    attention("decoder.middle.1", dims[0])
-    residual("decoder.middle.2", dims[0], dims[0])
-    n = 0
-    for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-        if i in (1, 2, 3):  # the previous upsample halved the channels
-            cin //= 2
-        for _ in range(v.num_res_blocks + 1):
-            residual(f"decoder.upsamples.{n}", cin, cout)
-            cin, n = cout, n + 1
-        if i != levels - 1:
-            resample(f"decoder.upsamples.{n}", cout,
-                     "upsample3d" if temporal_up[i] else "upsample2d")
-            n += 1
-    out["decoder.head.0.gamma"] = (dims[-1], 1, 1, 1)
-    conv3d("decoder.head.2", 3, dims[-1])
-    return out
-
-
-def t5_key_shapes(t: T5Config) -> OrderedDict[str, Shape]:
-    """``T5Encoder`` (t5.py, umT5: per-layer relative position embedding) keys and shapes."""
-    out: OrderedDict[str, Shape] = OrderedDict()
-    out["token_embedding.weight"] = (t.vocab_size, t.dim)
-    for i in range(t.num_layers):
-        b = f"blocks.{i}"
-        out[f"{b}.norm1.weight"] = (t.dim,)
-        for name in ("q", "k", "v"):
-            out[f"{b}.attn.{name}.weight"] = (t.dim_attn, t.dim)
-        out[f"{b}.attn.o.weight"] = (t.dim, t.dim_attn)
-        out[f"{b}.norm2.weight"] = (t.dim,)
-        out[f"{b}.ffn.gate.0.weight"] = (t.dim_ffn, t.dim)
-        out[f"{b}.ffn.fc1.weight"] = (t.dim_ffn, t.dim)
-        out[f"{b}.ffn.fc2.weight"] = (t.dim, t.dim_ffn)
-        out[f"{b}.pos_embedding.embedding.weight"] = (t.num_buckets, t.num_heads)
-    out["norm.weight"] = (t.dim,)
-    return out
-
-
-def clip_key_shapes(c: CLIPVisionConfig, text: CLIPTextTower) -> OrderedDict[str, Shape]:
-    """``XLMRobertaCLIP`` (clip.py) keys and shapes: ``log_scale``, ``visual.*``, ``textual.*``."""
-    out: OrderedDict[str, Shape] = OrderedDict()
-    out["log_scale"] = ()
-    grid = (c.image_size // c.patch_size) ** 2
-    out["visual.cls_embedding"] = (1, 1, c.dim)
-    out["visual.pos_embedding"] = (1, grid + 1, c.dim)
-    out["visual.head"] = (c.dim, c.out_dim)
-    out["visual.patch_embedding.weight"] = (c.dim, 3, c.patch_size, c.patch_size)
-    out.update(_norm("visual.pre_norm", c.dim))
-    hidden = c.dim * c.mlp_ratio
-    for i in range(c.num_layers):
-        b = f"visual.transformer.{i}"
-        out.update(_norm(f"{b}.norm1", c.dim))
-        out.update(_linear(f"{b}.attn.to_qkv", 3 * c.dim, c.dim))
-        out.update(_linear(f"{b}.attn.proj", c.dim, c.dim))
-        out.update(_norm(f"{b}.norm2", c.dim))
-        out.update(_linear(f"{b}.mlp.0", hidden, c.dim))
-        out.update(_linear(f"{b}.mlp.2", c.dim, hidden))
-    out.update(_norm("visual.post_norm", c.dim))
-    out["textual.token_embedding.weight"] = (text.vocab_size, text.dim)
-    out["textual.type_embedding.weight"] = (text.type_size, text.dim)
-    out["textual.pos_embedding.weight"] = (text.max_text_len, text.dim)
-    for i in range(text.num_layers):
-        b = f"textual.blocks.{i}"
-        for name in ("q", "k", "v", "o"):
-            out.update(_linear(f"{b}.attn.{name}", text.dim, text.dim))
-        out.update(_norm(f"{b}.norm1", text.dim))
-        out.update(_linear(f"{b}.ffn.0", 4 * text.dim, text.dim))
-        out.update(_linear(f"{b}.ffn.2", text.dim, 4 * text.dim))
-        out.update(_norm(f"{b}.norm2", text.dim))
-    out.update(_norm("textual.norm", text.dim))
-    mid = (text.dim + c.out_dim) // 2
-    out.update(_linear("textual.head.0", mid, text.dim, bias=False))
-    out.update(_linear("textual.head.2", c.out_dim, mid, bias=False))
-    return out
-
-
-def wav2vec2_key_shapes(w: Wav2Vec2Numbers) -> OrderedDict[str, Shape]:
-    """``Wav2Vec2ForPreTraining`` keys as stored by chinese-wav2vec2 (legacy weight-norm names)."""
-    out: OrderedDict[str, Shape] = OrderedDict()
-    p = "wav2vec2"
-    cin = 1
-    for i, (cout, k) in enumerate(zip(w.conv_dim, w.conv_kernel)):
-        out[f"{p}.feature_extractor.conv_layers.{i}.conv.weight"] = (cout, cin, k)
-        if i == 0:  # feat_extract_norm="group": GroupNorm on the first layer only
-            out.update(_norm(f"{p}.feature_extractor.conv_layers.0.layer_norm", cout))
-        cin = cout
-    out.update(_norm(f"{p}.feature_projection.layer_norm", w.conv_dim[-1]))
-    out.update(_linear(f"{p}.feature_projection.projection", w.hidden_size, w.conv_dim[-1]))
-    out[f"{p}.masked_spec_embed"] = (w.hidden_size,)
-    h, k = w.hidden_size, w.num_conv_pos_embeddings
-    out[f"{p}.encoder.pos_conv_embed.conv.bias"] = (h,)
-    out[f"{p}.encoder.pos_conv_embed.conv.weight_g"] = (1, 1, k)
-    out[f"{p}.encoder.pos_conv_embed.conv.weight_v"] = (h, h // w.num_conv_pos_embedding_groups, k)
-    out.update(_norm(f"{p}.encoder.layer_norm", h))
-    for i in range(w.num_hidden_layers):
-        b = f"{p}.encoder.layers.{i}"
-        for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            out.update(_linear(f"{b}.attention.{name}", h, h))
-        out.update(_norm(f"{b}.layer_norm", h))
-        out.update(_linear(f"{b}.feed_forward.intermediate_dense", w.intermediate_size, h))
-        out.update(_linear(f"{b}.feed_forward.output_dense", h, w.intermediate_size))
-        out.update(_norm(f"{b}.final_layer_norm", h))
-    groups, per_group = w.num_codevector_groups, w.num_codevectors_per_group
-    out["quantizer.codevectors"] = (1, groups * per_group, w.codevector_dim // groups)
-    out.update(_linear("quantizer.weight_proj", groups * per_group, w.conv_dim[-1]))
-    out.update(_linear("project_hid", w.proj_codevector_dim, h))
-    out.update(_linear("project_q", w.proj_codevector_dim, w.codevector_dim))
-    return out
 
 
 def split_dit_shards(base: OrderedDict[str, Shape], n_shards: int, itemsize: int = 4
@@ -362,8 +74,8 @@ def tiny_file_layout(arch: Architecture = TINY, clip_text: CLIPTextTower = TINY_
                      wav2vec2: Wav2Vec2Numbers = TINY_WAV2VEC2) -> dict[str, OrderedDict[str, Shape]]:
     """Every weight file of the tiny folders (paths relative to ``out_dir``) -> key -> shape."""
     dit = dit_key_shapes(arch.dit)
-    base = OrderedDict((k, s) for k, s in dit.items() if not is_multitalk_key(k))
-    audio = OrderedDict((k, s) for k, s in dit.items() if is_multitalk_key(k))
+    base = OrderedDict((k, s) for k, s in dit.items() if not is_audio_key(k))
+    audio = OrderedDict((k, s) for k, s in dit.items() if is_audio_key(k))
     layout: dict[str, OrderedDict[str, Shape]] = {}
     for name, shard in zip(DIT_SHARDS, split_dit_shards(base, len(DIT_SHARDS))):
         layout[f"{CKPT_FOLDER}/{name}"] = shard
@@ -371,7 +83,7 @@ def tiny_file_layout(arch: Architecture = TINY, clip_text: CLIPTextTower = TINY_
     layout[f"{CKPT_FOLDER}/{VAE_FILE}"] = vae_key_shapes(arch.vae)
     layout[f"{CKPT_FOLDER}/{T5_FILE}"] = t5_key_shapes(arch.t5)
     layout[f"{CKPT_FOLDER}/{CLIP_FILE}"] = clip_key_shapes(arch.clip, clip_text)
-    layout[f"{WAV2VEC_FOLDER}/model.safetensors"] = wav2vec2_key_shapes(wav2vec2)
+    layout[f"{WAV2VEC_FOLDER}/{WAV2VEC_WEIGHTS}"] = wav2vec2_key_shapes(wav2vec2)
     return layout
 
 
@@ -569,18 +281,18 @@ def _write_all(root: Path, seed: int) -> None:
     total = sum(t.numel() * t.element_size() for t in dit.values())
     _write_json(ckpt / INDEX_FILE, {"metadata": {"total_size": total},
                                     "weight_map": dict(sorted(weight_map.items()))})
-    _write_json(ckpt / "config.json", dit_config(arch))
+    _write_json(ckpt / CONFIG_FILE, dit_config(arch))
 
     _save_torch(ckpt / VAE_FILE, init_state_dict("vae", layout[f"{CKPT_FOLDER}/{VAE_FILE}"], seed))
     _save_torch(ckpt / T5_FILE, init_state_dict("t5", layout[f"{CKPT_FOLDER}/{T5_FILE}"], seed))
     _save_torch(ckpt / CLIP_FILE, init_state_dict("clip", layout[f"{CKPT_FOLDER}/{CLIP_FILE}"], seed))
-    _write_tokenizer(ckpt / TOKENIZER_SUBDIR, arch.t5.vocab_size)
+    _write_tokenizer(ckpt / TOKENIZER_DIR, arch.t5.vocab_size)
 
     # wav2vec2
-    w2v_state = init_state_dict("wav2vec2", layout[f"{WAV2VEC_FOLDER}/model.safetensors"], seed)
-    save_file(dict(w2v_state), str(w2v / "model.safetensors"), metadata={"format": "pt"})
+    w2v_state = init_state_dict("wav2vec2", layout[f"{WAV2VEC_FOLDER}/{WAV2VEC_WEIGHTS}"], seed)
+    save_file(dict(w2v_state), str(w2v / WAV2VEC_WEIGHTS), metadata={"format": "pt"})
     _write_json(w2v / "config.json", wav2vec2_config())
-    _write_json(w2v / "preprocessor_config.json", WAV2VEC2_PREPROCESSOR)
+    _write_json(w2v / WAV2VEC_PREPROCESSOR_FILE, WAV2VEC2_PREPROCESSOR)
 
 
 def write_tiny_checkpoints(out_dir: str | os.PathLike | None = None, seed: int = 0,

@@ -115,8 +115,9 @@ class CachedWanRotaryPosEmbed(WanRotaryPosEmbed):
 # Attention processors
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan 3-D RoPE on interleaved pairs of ``x [B, L, heads, D]``."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan 3-D RoPE on interleaved pairs of ``x [B, L, heads, D]`` (also the eager reference of
+    ``runtime.dit_fusion``'s q/k kernel)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[..., 0::2], sin[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -133,7 +134,7 @@ class MultiTalkSelfAttnProcessor:
     _attention_backend = None
     _parallel_config = None
     # ``(attn, q, k, v) -> out`` replacing the attention call, all ``[B, L, heads, D]``; installed by
-    # the runtime layer (``runtime.attention_fp8``), None: diffusers' attention dispatch
+    # ``runtime.attention_int8`` (and the benchmark's ``attention_fp8.py``), None: diffusers' attention dispatch
     sdpa_override = None
     # ``(attn, q, k, rotary_emb) -> (q, k)`` replacing norm_q/norm_k + RoPE (projections in, ``[B, L, heads,
     # D]`` out); installed by ``runtime.dit_fusion``, None: the eager operations below
@@ -149,8 +150,8 @@ class MultiTalkSelfAttnProcessor:
             query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
             key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
             if rotary_emb is not None:
-                query = _apply_rotary(query, *rotary_emb)
-                key = _apply_rotary(key, *rotary_emb)
+                query = apply_rotary(query, *rotary_emb)
+                key = apply_rotary(key, *rotary_emb)
         if self.sdpa_override is not None and attention_mask is None:
             out = self.sdpa_override(attn, query, key, value)
         else:
@@ -669,7 +670,7 @@ def check_transformer_keys(dit_cfg: DiTConfig, items) -> LoadReport:
 
 
 __all__ = [
-    "AudioContext", "DiTState", "MultiTalkTransformer3DModel", "MultiTalkTransformerBlock", "build_transformer_on_meta",
-    "check_transformer_keys", "convert_dit_key", "keep_fp32", "load_transformer", "official_dit_key",
-    "self_attention_processors", "sinusoidal_embedding",
+    "AudioContext", "DiTState", "MultiTalkTransformer3DModel", "MultiTalkTransformerBlock", "apply_rotary",
+    "build_transformer_on_meta", "check_transformer_keys", "convert_dit_key", "keep_fp32", "load_transformer",
+    "official_dit_key", "self_attention_processors", "sinusoidal_embedding",
 ]

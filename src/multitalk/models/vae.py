@@ -37,8 +37,8 @@ from multitalk.models.checkpoint import (
     iter_torch_file,
     load_converted,
 )
+from multitalk.models.official_files import VAE_FILE
 
-VAE_FILE = "Wan2.1_VAE.pth"
 
 # Sub-module renames inside one official ResidualBlock (nn.Sequential indices -> diffusers names).
 _RESIDUAL_LEAVES = {
@@ -259,5 +259,5 @@ def _check_latent(latent, z_dim: int) -> None:
                              "pass one latent video without a batch dimension")
 
 
-__all__: list[str] = ["VAE_FILE", "WanVAE", "build_vae_model", "convert_vae_key", "load_vae_weights",
+__all__: list[str] = ["WanVAE", "build_vae_model", "convert_vae_key", "load_vae_weights",
                       "vae_converter"]

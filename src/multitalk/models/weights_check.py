@@ -18,24 +18,9 @@ import torch
 from multitalk.errors import CheckpointError, UserInputError
 from multitalk.models.architecture import detect_architecture
 from multitalk.models.checkpoint import LoadReport, SourceItem, build_on_meta
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def safetensors_shape_items(path: Path) -> Iterator[SourceItem]:
-    """Meta tensors with the shapes and dtypes of a safetensors file (header only)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                dtype = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
-                yield key, torch.empty(tuple(sl.get_shape()), dtype=dtype, device="meta"), path.name
-    except Exception as exc:
-        raise CheckpointError(f"cannot read safetensors header ({exc})", file=str(path)) from exc
-
+from multitalk.models.official_files import (BASE_FOLDER, CLIP_FILE, CONFIG_FILE, MULTITALK_FILE, T5_FILE,
+                                             TOKENIZER_DIR, VAE_FILE, WAV2VEC_FOLDER, WAV2VEC_PREPROCESSOR_FILE,
+                                             safetensors_shape_items)
 
 def torch_shape_items(path: Path, prefix: str | None = None) -> Iterator[SourceItem]:
     """Meta tensors with the shapes of a ``torch.save`` state dict (memory-mapped, not read)."""
@@ -62,17 +47,17 @@ def classify_folders(dirs: list[Path]) -> dict[str, Path]:
     for d in map(Path, dirs):
         if not d.is_dir():
             raise UserInputError("dirs", f"{d} is not a folder", "pass the downloaded model folders")
-        cfg = d / "config.json"
+        cfg = d / CONFIG_FILE
         cfg_json = {}
         if cfg.is_file():
             try:
                 cfg_json = json.loads(cfg.read_text())
             except json.JSONDecodeError:
                 cfg_json = {}
-        if cfg_json.get("model_type") == "wav2vec2" or (d / "preprocessor_config.json").is_file():
+        if cfg_json.get("model_type") == "wav2vec2" or (d / WAV2VEC_PREPROCESSOR_FILE).is_file():
             found["wav2vec"] = d
             continue
-        if (d / "multitalk.safetensors").is_file():
+        if (d / MULTITALK_FILE).is_file():
             found["multitalk"] = d
         if cfg_json.get("_class_name") == "WanModel" or list(d.glob("*.pth")):
             found["base"] = d
@@ -96,7 +81,7 @@ def check_folders(dirs: list[Path]) -> list[LoadReport]:
     reports: list[LoadReport] = []
     base = folders.get("base")
     if base is None:
-        reports.append(_missing_file_report("base folder", Path("Wan2.1-I2V-14B-480P")))
+        reports.append(_missing_file_report("base folder", Path(BASE_FOLDER)))
     else:
         arch = detect_architecture(base)
         try:
@@ -118,19 +103,19 @@ def check_folders(dirs: list[Path]) -> list[LoadReport]:
                 rep.missing_files.append(str(exc))
                 reports.append(rep)
 
-        check("vae", base / vae.VAE_FILE, lambda p: vae.load_vae_weights(
+        check("vae", base / VAE_FILE, lambda p: vae.load_vae_weights(
             build_on_meta(lambda: vae.build_vae_model(arch.vae)), torch_shape_items(p), arch.vae, dry_run=True))
-        check("text_encoder", base / text_encoder.T5_CHECKPOINT, lambda p: text_encoder.load_t5_weights(
+        check("text_encoder", base / T5_FILE, lambda p: text_encoder.load_t5_weights(
             text_encoder.build_umt5_on_meta(arch.t5), torch_shape_items(p), dry_run=True))
-        check("image_encoder", base / image_encoder.CLIP_CHECKPOINT, lambda p: image_encoder.load_clip_weights(
+        check("image_encoder", base / CLIP_FILE, lambda p: image_encoder.load_clip_weights(
             image_encoder.build_clip_on_meta(arch.clip), torch_shape_items(p, prefix="visual."), arch.clip,
             dry_run=True))
-        tok = base / text_encoder.T5_TOKENIZER_DIR
+        tok = base / TOKENIZER_DIR
         if not tok.is_dir():
             reports.append(_missing_file_report("tokenizer", tok))
     w2v = folders.get("wav2vec")
     if w2v is None:
-        reports.append(_missing_file_report("audio_encoder", Path("chinese-wav2vec2-base")))
+        reports.append(_missing_file_report("audio_encoder", Path(WAV2VEC_FOLDER)))
     else:
         try:
             from transformers import Wav2Vec2Config

@@ -5,11 +5,11 @@ reference's mean and population std, converted back with ``lab2rgb``, clipped to
 blended ``(1-s)*frame + s*corrected``. It stops streamed clips from drifting in colour.
 
 :func:`match_and_blend_colors` runs in torch on the tensors' device (``color_space``'s exact
-re-implementation of skimage's conversions, float64 by default).
-:func:`match_and_blend_colors_reference` is the original numpy/skimage version, kept for tests.
-Note the reference computes in the input's dtype (skimage keeps float32 float32), so for the float32
-clips of the pipeline it is a float32 computation; the torch path's float64 default differs from it
-by float32 rounding only (~1e-6 relative L2 on the golden vector). One deliberate difference: a
+re-implementation of skimage's conversions, float64 by default). The tests hold it to the
+original numpy/skimage version (``tests/test_color.py``, the oracle), which computes in the
+input's dtype (skimage keeps float32 float32), so for the float32 clips of the pipeline it is a
+float32 computation; the torch path's float64 default differs from it by float32 rounding only
+(~1e-6 relative L2 on the golden vector). One deliberate difference: a
 channel whose values are all equal always takes the reference mean here (exact flatness test),
 while numpy's rounded mean can leave the reference with a rounding-level std != 0 for such a
 channel and output ``mean_ref +- std_ref`` instead (seen in float64 on constant frames).
@@ -18,11 +18,8 @@ channel and output ``mean_ref +- std_ref`` instead (seen in float64 on constant 
 from __future__ import annotations
 
 import math
-import warnings
 
-import numpy as np
 import torch
-from skimage import color as skcolor
 
 from multitalk.errors import UserInputError
 from multitalk.pipeline.color_space import lab_to_rgb3, rgb_to_lab3
@@ -143,44 +140,3 @@ def _center_std(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     std = torch.linalg.vector_norm(lab, dim=-1, keepdim=True) / math.sqrt(lab.shape[-1])
     flat = lo == hi
     return torch.where(flat, torch.zeros_like(std), std), mean, flat
-
-
-def _to_unit_rgb(x: torch.Tensor) -> np.ndarray:
-    """``[3, ..., H, W]`` in [-1, 1] -> ``[..., H, W, 3]`` numpy in [0, 1] (clipped), same dtype."""
-    arr = x.detach().cpu().movedim(0, -1).numpy()
-    return np.clip((arr + 1.0) / 2.0, 0.0, 1.0)
-
-
-def match_and_blend_colors_reference(source: torch.Tensor, reference: torch.Tensor,
-                                     strength: float) -> torch.Tensor:
-    """The original numpy/skimage implementation (CPU, in the input dtype); same contract as
-    :func:`match_and_blend_colors`. Kept as the test oracle; bit-exact with the golden vector."""
-    if strength == 0.0:
-        return source
-    _validate(source, reference, strength)
-    out = [_match_one(s, r, strength) for s, r in zip(source, reference)]
-    return torch.from_numpy(np.stack(out)).to(device=source.device, dtype=source.dtype)
-
-
-def _match_one(source: torch.Tensor, reference: torch.Tensor, strength: float) -> np.ndarray:
-    """One batch item: ``[3, T, H, W]`` and ``[3, 1, H, W]`` -> ``[3, T, H, W]`` numpy in [-1, 1]."""
-    frames = _to_unit_rgb(source)                        # [T, H, W, 3]
-    ref_lab = skcolor.rgb2lab(_to_unit_rgb(reference)[0])
-    # per-channel 2-D reductions, in the official order (float32 sums depend on it)
-    ref_mean = [ref_lab[..., c].mean() for c in range(3)]
-    ref_std = [ref_lab[..., c].std() for c in range(3)]
-    blended = []
-    for frame in frames:
-        lab = skcolor.rgb2lab(frame)
-        corrected = lab.copy()
-        for c in range(3):
-            mean, std = lab[..., c].mean(), lab[..., c].std()
-            if std == 0:
-                corrected[..., c] = ref_mean[c]
-            else:
-                corrected[..., c] = (lab[..., c] - mean) * (ref_std[c] / std) + ref_mean[c]
-        with warnings.catch_warnings():  # lab2rgb warns about clipped negative Z values
-            warnings.simplefilter("ignore", UserWarning)
-            rgb = np.clip(skcolor.lab2rgb(corrected), 0.0, 1.0)
-        blended.append((1 - strength) * frame + strength * rgb)
-    return np.moveaxis(np.stack(blended) * 2.0 - 1.0, -1, 0)

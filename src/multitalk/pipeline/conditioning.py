@@ -33,8 +33,17 @@ def motion_latent_frames(motion_frames: int) -> int:
     return 1 + (motion_frames - 1) // 4
 
 
-def renoise(clean: torch.Tensor, t: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Flow-matching forward process ``(1 - s) x + s n`` with ``s = t / T`` (draws ``n``)."""
+def renoise(clean: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
+            num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Flow-matching forward process ``(1 - s) x + s n`` with ``s = t / T``; ``n`` is drawn from
+    ``generator`` (on its device, then moved to ``clean``'s)."""
     s = (t.float() / num_train_timesteps).reshape(-1)[0]
-    noise = torch.randn_like(clean).contiguous()
+    noise = draw_noise(clean.shape, generator, clean.device)
     return (1 - s) * clean + s * noise
+
+
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard normal float32 noise from ``generator``, drawn on the generator's device (so a CPU
+    generator gives the same numbers whatever ``device`` the result goes to)."""
+    noise = torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=torch.float32)
+    return noise.to(device)

@@ -43,7 +43,7 @@ class EngineConfig:
     preset: str | None = None          # "tiny": write (once) and load the project's tiny weights
     device: str = "auto"
     dtype: str = "auto"                # DiT / T5 / CLIP compute dtype; "auto": bf16 on CUDA, fp32 on CPU
-    vae_dtype: str = "auto"            # "auto": bf16 on CUDA (like the DiT), fp32 on CPU
+    vae_dtype: str = "auto"            # "auto": the same as ``dtype`` (float32 with --dtype float32)
     offload: bool = False              # onload each model only while it runs (the official --offload_model)
     fp8: bool = False                  # fp8 compute: row-wise fp8 feed-forward linears in the DiT blocks
     weights: str = "auto"              # DiT block storage: "auto"/"bf16" (the compute dtype) or "fp8" (e4m3)
@@ -59,24 +59,44 @@ class EngineConfig:
                                        # (runtime.attention_int8, Hopper), "auto": int8 on Hopper in bf16
     loras: tuple[LoraSpec, ...] = ()   # merged into the DiT at load, in this order (before fp8/compile)
 
-    def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
+    def check(self) -> tuple[torch.device, torch.dtype, torch.dtype]:
+        """Everything that can be checked without loading (folders, device, dtypes, attention), as
+        one-line :class:`UserInputError` s; returns ``(device, dtype, vae_dtype)``."""
+        from multitalk.runtime.attention_int8 import select_self_attention
+
+        folders = (("ckpt_dir", self.ckpt_dir), ("wav2vec_dir", self.wav2vec_dir),
+                   ("multitalk_dir", self.multitalk_dir))
         if self.preset is not None:
             if self.preset != "tiny":
                 raise UserInputError("preset", f"unknown preset {self.preset!r}", "use --preset tiny")
+            given = [name for name, p in folders if p is not None]
+            if given:
+                raise UserInputError("preset", f"--preset tiny brings its own weights, so --{given[0]} would be "
+                                     "ignored", f"drop --preset to load the folders, or drop --{given[0]}")
+        else:
+            for name, p in folders:
+                if p is not None and not Path(p).is_dir():
+                    raise UserInputError(name, f"folder {p} does not exist", "check the path")
+            if self.ckpt_dir is None:
+                raise UserInputError("ckpt_dir", "no model folder given",
+                                     "pass --ckpt-dir Wan2.1-I2V-14B-480P (and --wav2vec-dir), or --preset tiny")
+            if self.wav2vec_dir is None:
+                raise UserInputError("wav2vec_dir", "no wav2vec2 folder given",
+                                     "pass --wav2vec-dir chinese-wav2vec2-base")
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device)
+        vae_dtype = (dtype if self.vae_dtype in (None, "", "auto")
+                     else resolve_dtype(self.vae_dtype, device, field="vae_dtype"))
+        select_self_attention(self.attention, device, dtype)
+        return device, dtype, vae_dtype
+
+    def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
+        self.check()
+        if self.preset is not None:
             from multitalk.models.tiny import default_tiny_dir, write_tiny_checkpoints
 
             ckpt, w2v = write_tiny_checkpoints(default_tiny_dir())
             return Path(ckpt), Path(w2v), None
-        if self.ckpt_dir is None:
-            raise UserInputError("ckpt_dir", "no model folder given",
-                                 "pass --ckpt-dir Wan2.1-I2V-14B-480P (and --wav2vec-dir), or --preset tiny")
-        if self.wav2vec_dir is None:
-            raise UserInputError("wav2vec_dir", "no wav2vec2 folder given",
-                                 "pass --wav2vec-dir chinese-wav2vec2-base")
-        for name, p in (("ckpt_dir", self.ckpt_dir), ("wav2vec_dir", self.wav2vec_dir),
-                        ("multitalk_dir", self.multitalk_dir)):
-            if p is not None and not Path(p).is_dir():
-                raise UserInputError(name, f"folder {p} does not exist", "check the path")
         return Path(self.ckpt_dir), Path(self.wav2vec_dir), (
             Path(self.multitalk_dir) if self.multitalk_dir else None)
 
@@ -170,14 +190,10 @@ class Engine:
         from multitalk.models.text_encoder import TextEncoder
         from multitalk.models.transformer import load_transformer
         from multitalk.models.vae import WanVAE
-        from multitalk.runtime.attention_int8 import select_self_attention
 
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        select_self_attention(config.attention, device, dtype)  # a bad choice fails before any file is touched
+        device, dtype, vae_dtype = config.check()  # folders, device, dtypes, attention: before any file is touched
         ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
         config.check_loras()  # a bad LoRA file fails before any model is read
-        vae_dtype = resolve_dtype(config.vae_dtype, device)
         arch = detect_architecture(ckpt_dir)
         weights = _weights_format(config.weights)
         offload = config.offload and device.type != "cpu"
@@ -240,7 +256,7 @@ class Engine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         placement = Placement(device, offload=config.offload)
-        configure_backends(device)
+        configure_backends(device, float32=torch.float32 in (dtype, _vae_dtype(vae)))
         load_seconds = load_seconds if load_seconds is not None else {}
         lora_report, attention = prepare_dit(transformer, config, device, dtype, load_seconds, fp8_scales=fp8_scales)
         if config.compile or (config.compile is None and device.type == "cuda"):
@@ -359,6 +375,11 @@ def _weights_format(name: str | None) -> str:
     if name in ("fp8", "e4m3", "float8"):
         return "fp8"
     raise UserInputError("weights", f"unknown weight format {name!r}", "use --weights bf16 or --weights fp8")
+
+
+def _vae_dtype(vae) -> torch.dtype | None:
+    model = getattr(vae, "model", vae)
+    return next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else None
 
 
 def _blocks_compiled(dit: torch.nn.Module) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,13 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from multitalk.errors import JobCancelled, UserInputError
+from multitalk.errors import GenerationError, JobCancelled, UserInputError
 from multitalk.media.audio import combine_speakers, load_speech, num_video_frames
 from multitalk.media.image import (choose_bucket, cond_image_from_uint8, load_image,
                                    resize_and_center_crop)
 from multitalk.pipeline.clips import plan_clips
 from multitalk.pipeline.color import ColorMatcher
-from multitalk.pipeline.conditioning import (frame_mask, motion_latent_frames,
+from multitalk.pipeline.conditioning import (draw_noise, frame_mask, motion_latent_frames,
                                              padded_condition_video, renoise)
 from multitalk.pipeline.engine import Engine
 from multitalk.pipeline.guidance import GuidanceState
@@ -39,9 +38,6 @@ log = logging.getLogger(__name__)
 
 FPS = 25
 SAMPLE_RATE = 16000
-
-
-GenerationCancelled = JobCancelled  # raised between sampling steps when ``should_cancel()`` is True
 
 
 @dataclass
@@ -178,7 +174,11 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
     t_lat = (frame_num - 1) // arch.vae_stride[0] + 1
 
     seed = params.seed
-    torch.manual_seed(seed)  # the official draws everything after this single seeding
+    # The official seeds the global RNG once (torch.manual_seed) and draws every noise tensor from
+    # the engine device's default generator; a generator of this run, seeded the same way, gives
+    # the same numbers without touching the process's RNG (jobs of a worker stay reproducible).
+    # noise_device "cpu" draws on the CPU instead: the same video for a seed on any device.
+    generator = torch.Generator(device=device if params.noise_device == "engine" else "cpu").manual_seed(seed)
     context = cond.context.to(device, dtype)
     context_null = cond.context_null.to(device, dtype)
     ref_masks = cond.ref_masks.to(device)
@@ -199,7 +199,7 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
         first = ci == 0
         n_cond = clip.cond_frames
         audio = plan.audio_windows(audio_embs, clip).to(device, dtype)
-        noise = torch.randn(16, t_lat, lat_h, lat_w, dtype=torch.float32, device=device)
+        noise = draw_noise((arch.vae.z_dim, t_lat, lat_h, lat_w), generator, device)
         with torch.no_grad():
             with engine.placement.use(engine.image_encoder), stage("clip_encode"):
                 clip_fea = engine.image_encoder.encode(cond_frames[:, -1]).to(device, dtype)
@@ -211,7 +211,7 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
 
             latent = noise
             if not first:
-                latent[:, :latent_motion.shape[1]] = renoise(latent_motion, timesteps[0])
+                latent[:, :latent_motion.shape[1]] = renoise(latent_motion, timesteps[0], generator)
             guidance = GuidanceState(params)
             zero_audio = torch.zeros_like(audio)[-1:]
             branches = guidance.branches(context, context_null, audio, zero_audio)
@@ -220,7 +220,7 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
             with engine.placement.use(dit):
                 for i in range(steps):
                     if cancelled():
-                        raise GenerationCancelled("cancelled")
+                        raise JobCancelled("cancelled")  # between sampling steps
                     t = timesteps[i]
                     x_in = latent.to(dtype)[None]
                     preds = []
@@ -232,11 +232,12 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
                     dt = (timesteps[i] - timesteps[i + 1]) / arch.num_train_timesteps
                     latent = latent - noise_pred * dt
                     if not first:
-                        latent[:, :latent_motion.shape[1]] = renoise(latent_motion, timesteps[i + 1])
+                        latent[:, :latent_motion.shape[1]] = renoise(latent_motion, timesteps[i + 1], generator)
                     done_steps += 1
                     elapsed = time.perf_counter() - t_loop
                     eta = elapsed / done_steps * (total_steps - done_steps)
                     report(Progress("sampling", ci + 1, n_clips, i + 1, steps, done_steps / total_steps, eta))
+            _check_finite(latent, f"clip {ci + 1}/{n_clips}: the sampled latent")
             report(Progress("decoding", ci + 1, n_clips, steps, steps, done_steps / total_steps))
             # decode chunk by chunk (1, 4, 4, ... frames; the same maths as one decode) and hand the
             # new frames over at once, so colour correction, the host copy and the mp4 encoder
@@ -250,6 +251,7 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
                         chunk = next(chunks, None)                     # [3, n, H, W] float32
                     if chunk is None:
                         break
+                    _check_finite(chunk, f"clip {ci + 1}/{n_clips}: the decoded frames")
                     with stage("color_correction"):
                         chunk = colour(chunk[None])[0]                 # as is at strength 0
                     parts.append(chunk)
@@ -264,6 +266,13 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
     timings["sampling_s"] = time.perf_counter() - t_loop
     mix = cond.mix[: int(round(written / FPS * SAMPLE_RATE))]
     return GenerationResult(written, cond.width, cond.height, FPS, seed, written / FPS, n_clips, mix, timings)
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    """A NaN or Inf would become a black video: stop the run instead (one reduction per clip / chunk)."""
+    if not bool(torch.isfinite(x).all()):
+        raise GenerationError(f"{what} hold NaN or Inf values: the run stopped and no video was written "
+                              "(a float16 --dtype can overflow: use bfloat16 or float32)")
 
 
 def _dit_call(dit, x, t, context, clip_fea, y, audio, ref_masks, teacache, branch):

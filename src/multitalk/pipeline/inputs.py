@@ -54,7 +54,8 @@ _FIXES = {
     "bbox": "give {person1: [row_min, col_min, row_max, col_max], person2: [...]} in source pixels",
     "cond_audio": "give {person1: path} or {person1: path, person2: path}",
     "color_correction_strength": "use a value between 0 (off) and 1",
-    "seed": "use a non-negative integer, or -1 for a random seed",
+    "seed": "use a non-negative integer below 2**63, or -1 for a random seed",
+    "noise_device": "use engine (the official behaviour) or cpu (the same video on any device)",
 }
 
 
@@ -181,6 +182,11 @@ class InputSpec(BaseModel):
         self._warnings = warnings
         return self
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "InputSpec":
+        """The official fields given without a JSON file; a bad one raises a one-line :class:`UserInputError`."""
+        return _validate(cls, data)
+
     @property
     def warnings(self) -> list[str]:
         """Non-fatal problems found while validating (unknown keys, defaults applied)."""
@@ -290,11 +296,24 @@ class GenerationParams(BaseModel):
     color_correction_strength: float = Field(1.0, ge=0, le=1)
     max_frames: int | None = Field(None, ge=1)  # streaming cap (None: follow the audio)
     face_scale: float = Field(0.05, ge=0, lt=0.5)  # margin of the default two-speaker boxes
-    offload_model: bool = False    # keep only the running model on the GPU
+    # where the seeded noise is drawn: "engine" (the official code's behaviour: the engine's device,
+    # so CPU and CUDA give different videos for a seed) or "cpu" (the same video on any device)
+    noise_device: Literal["engine", "cpu"] = "engine"
     official_trim: bool = False    # reproduce the official final cut (see pipeline/clips.py)
     recipe: Literal["lightx2v", "fusionx"] | None = None  # few-step defaults (RECIPES)
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)  # merged in this order
     _seed_drawn: bool = PrivateAttr(False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_engine_settings(cls, data: Any) -> Any:
+        # The official script's --offload_model decides where the models live: a setting of the
+        # loaded engine (CLI flag; the server's or worker's start-up), not of one generation.
+        if isinstance(data, dict) and "offload_model" in data:
+            raise UserInputError("offload_model", "is an engine setting, not a per-job option",
+                                 "leave it out of params: where the models live is chosen when the engine "
+                                 "starts (multitalk generate --offload_model; the server's or worker's start-up)")
+        return data
 
     @model_validator(mode="before")
     @classmethod

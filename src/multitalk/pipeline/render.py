@@ -7,6 +7,7 @@ memory stays bounded however long the audio is (unless ``save_tensor`` asks for 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,18 +22,32 @@ from multitalk.pipeline.inputs import GenerationParams, InputSpec
 from multitalk.pipeline.memory import out_of_memory_as_plan_error, workload_of
 
 
-def check_output_path(out: Path, field: str = "out") -> Path:
+def check_output_path(out: Path, field: str = "out", *, stem: str = "multitalk", suffix: str | None = ".mp4") -> Path:
+    """The file an output will be written to, checked before any work: an existing folder gets
+    ``<stem><suffix>`` inside it, a name without ``suffix`` gets it appended (``foo`` ->
+    ``foo.mp4``; ``suffix=None`` keeps the name), and the folder is created and really written to
+    (``os.access`` says yes to root everywhere, even under ``/proc``)."""
     out = Path(out)
-    if out.suffix.lower() != ".mp4":
-        out = out.with_suffix(out.suffix + ".mp4") if out.suffix else out.with_suffix(".mp4")
-    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        out = out / f"{stem}{suffix or ''}"
+    elif suffix is not None and out.suffix.lower() != suffix:
+        out = out.with_name(out.name + suffix)
+    folder = out.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserInputError(field, f"cannot create the output folder {folder} ({exc.strerror})",
-                             "choose a writable location") from exc
-    if not os.access(folder, os.W_OK):
-        raise UserInputError(field, f"the output folder {folder} is not writable", "choose a writable location")
+        raise UserInputError(field, f"cannot create the output folder {folder} ({exc.strerror or exc})",
+                             "choose a writable location") from None
+    if out.is_dir():
+        raise UserInputError(field, f"{out} is a folder", "give a file name")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".multitalk-write-check-"):
+            pass
+    except OSError as exc:
+        raise UserInputError(field, f"the output folder {folder} is not writable ({exc.strerror or exc})",
+                             "choose a writable location") from None
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UserInputError(field, f"{out} exists and cannot be overwritten", "choose another name")
     return out
 
 
@@ -43,7 +58,7 @@ def render(engine: Engine, spec: InputSpec, params: GenerationParams, out: Path,
     out = check_output_path(out)
     if save_tensor is not None:
         save_tensor = Path(save_tensor)
-        check_output_path(save_tensor.with_suffix(".mp4"), field="save_tensor")
+        check_output_path(save_tensor, field="save_tensor", suffix=None)
     if progress:
         progress(Progress("conditioning"))
     media = media or prepare_media(spec, params)

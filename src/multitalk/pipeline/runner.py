@@ -66,7 +66,7 @@ class PipelineRunner:
 
     def run(self, request: dict, workdir: Path, progress, should_cancel) -> dict:
         self.load()
-        spec = InputSpec.model_validate({k: request[k] for k in ("prompt", "cond_image", "cond_audio",
+        spec = InputSpec.from_dict({k: request[k] for k in ("prompt", "cond_image", "cond_audio",
                                                                    "audio_type", "bbox") if request.get(k) is not None})
         params = GenerationParams.from_dict(dict(request.get("params") or {}))
         hashes = list(request.get("lora_sha256") or []) + [None] * len(params.loras)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from multitalk.errors import UserInputError
 from multitalk.media.image import center_crop_offsets, resized_size
+from multitalk.models.speaker_routing import token_masks
 
 Box = tuple[int, int, int, int]  # row_min, col_min, row_max, col_max (end exclusive)
 
@@ -93,11 +94,14 @@ def default_boxes(src_h: int, src_w: int, face_scale: float = 0.05) -> list[Box]
 
 
 def speaker_masks(src_h: int, src_w: int, th: int, tw: int, num_speakers: int, bbox=None, *,
-                  face_scale: float = 0.05, vae_stride: int = 8, clip_index: int = 0) -> torch.Tensor:
+                  face_scale: float = 0.05, vae_stride: int = 8, patch: int = 2, clip_index: int = 0) -> torch.Tensor:
     """``ref_target_masks``: float32 0/1 ``[3, th // vae_stride, tw // vae_stride]``.
 
     ``src_h x src_w`` is the source image, ``th x tw`` its bucket. Rows: person 1, person 2,
-    background.
+    background. A person's box must cover at least one cell of the DiT's token grid (latent grid /
+    ``patch``) after the bucket's resize and centre crop: the speaker routing divides by each
+    region's area there, and an empty one would make every frame NaN (a black video). Such a box
+    is refused, naming the smallest usable size and the area the crop keeps.
 
     ``clip_index`` reproduces an official quirk of the two-speaker layout *without* bbox:
     ``generate()`` halves its ``src_w`` every time it builds these masks, so clip ``k`` gets the
@@ -127,7 +131,29 @@ def speaker_masks(src_h: int, src_w: int, th: int, tw: int, num_speakers: int, b
     people = [((rows >= r0) & (rows < r1))[:, None] & ((cols >= c0) & (cols < c1))[None, :]
               for r0, c0, r1, c1 in boxes]
     background = ~(people[0] | people[1])
-    return torch.stack([*people, background]).float()
+    masks = torch.stack([*people, background]).float()
+    grid = (lat_h // patch, lat_w // patch)
+    covered = token_masks(masks, grid).sum(dim=1)                  # what the routing divides by
+    for i, box in enumerate(boxes):
+        if covered[i] == 0:
+            _refuse_uncovered(f"person{i + 1}", box, bbox is None, rows, cols, grid, (th, tw))
+    return masks
 
+
+def _refuse_uncovered(name: str, box: Box, default: bool, rows: torch.Tensor, cols: torch.Tensor,
+                      grid: tuple[int, int], bucket: tuple[int, int]) -> None:
+    # the source rows / columns the token cells sample (the routing's nearest resize of the mask)
+    rows, cols = rows[_nearest_source_index(len(rows), grid[0])], cols[_nearest_source_index(len(cols), grid[1])]
+    cell_h = int((rows.diff().max() if len(rows) > 1 else 1)) + 1
+    cell_w = int((cols.diff().max() if len(cols) > 1 else 1)) + 1
+    what = "the default box" if default else "the box"
+    raise UserInputError(
+        "bbox", f"{name}: {what} {list(box)} covers no cell of the {grid[0]}x{grid[1]} grid that routes the "
+        f"speech (after the {bucket[0]}x{bucket[1]} resize and crop, the cells are about {cell_h}x{cell_w} source "
+        f"pixels apart and sample rows {int(rows.min())}-{int(rows.max())}, columns "
+        f"{int(cols.min())}-{int(cols.max())})",
+        f"give a bbox per speaker, each at least {cell_h}x{cell_w} pixels (rows x columns) within those rows and "
+        "columns" if default else f"make it at least {cell_h}x{cell_w} pixels (rows x columns), within those rows "
+        "and columns")
 
 __all__ = ["default_boxes", "speaker_masks", "validate_bbox"]

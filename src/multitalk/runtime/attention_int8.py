@@ -1,7 +1,7 @@
 """8-bit self-attention for the DiT on Hopper: int8 Q·Kᵀ with smoothed K (SageAttention's scheme), in Triton.
 
 The DiT's self-attention (33,600 tokens at 640x640x81, 40 heads of 128) is half of its FLOPs.
-cuDNN's fp8 attention (``runtime.attention_fp8``) is fast but quantises q, k, v, P and O to e4m3
+cuDNN's fp8 attention (``benchmarks/attention_fp8.py``) is fast but quantises q, k, v, P and O to e4m3
 with one scale each and is off by 6e-2 to 1.1e-1; PyTorch has no 8-bit attention. This module is
 SageAttention's recipe (Zhang et al., "SageAttention", ICLR 2025; "SageAttention2", ICML 2025)
 written for this shape as Triton kernels:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitalk.models.transformer import _apply_rotary, self_attention_processors
+from multitalk.models.transformer import apply_rotary, self_attention_processors
 
 _KERNEL = None
 
@@ -124,7 +124,7 @@ def _next_pow2(n: int) -> int:
 def reference_qk_norm_rope(x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor,
                            heads: int) -> torch.Tensor:
     """The eager chain :func:`qk_norm_rope` replaces (``MultiTalkSelfAttnProcessor``'s own code)."""
-    return _apply_rotary(norm(x).unflatten(2, (heads, -1)), cos, sin)
+    return apply_rotary(norm(x).unflatten(2, (heads, -1)), cos, sin)
 
 
 def _rms_eps(norm: nn.Module, dtype: torch.dtype) -> float:

@@ -33,18 +33,29 @@ from multitalk.runtime.host_memory import HostCopy, PerUseWeights
 
 log = logging.getLogger(__name__)
 
+from multitalk.errors import UserInputError
+
 
 def resolve_device(name: str | None) -> torch.device:
     """``auto`` / ``None`` -> cuda if available, else cpu; anything else as given (validated)."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserInputError("device", f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+        raise UserInputError("device", f"{name!r} requested but this machine has no CUDA GPU",
+                             "use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserInputError("device", f"{name!r} requested but this machine has {torch.cuda.device_count()} "
+                             "CUDA GPU(s)", "use cuda:0 .. cuda:N-1")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserInputError("device", f"{name!r} is not supported", "use auto, cpu, cuda or cuda:N")
     return dev
 
 
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device, field: str = "dtype") -> torch.dtype:
     """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
     if isinstance(name, torch.dtype):
         return name
@@ -53,15 +64,21 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)}")
+        raise UserInputError(field, f"unknown dtype {name!r}", "use auto, float32 or bfloat16")
     return table[name]
 
 
-def configure_backends(device: torch.device) -> None:
-    """Process-wide CUDA settings that pay for MultiTalk's fixed shapes (cuDNN autotuning of the
-    VAE's 3-D convolutions; TF32 only affects float32 matmuls, which the bf16 path does not run)."""
+def configure_backends(device: torch.device, float32: bool = False) -> None:
+    """Process-wide CUDA settings: cuDNN autotuning of the VAE's fixed-shape 3-D convolutions, and
+    TF32. ``float32``: a model runs in float32 on purpose (``--dtype float32``, ``--vae-dtype
+    float32``), so float32 matmuls and convolutions stay IEEE float32 (cuDNN's TF32 convolutions,
+    on by default in PyTorch, moved a float32 video by 3.4e-3 on the H200). Otherwise PyTorch's
+    defaults: TF32 convolutions (only float32 ones, which the bf16 path does not run), no TF32
+    matmuls. The legacy flags, because inductor reads them."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = not float32
 
 
 # --- policies ------------------------------------------------------------------------------------

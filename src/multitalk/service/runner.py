@@ -4,7 +4,7 @@ A runner is loaded once per worker (``load``: readiness) and then runs one reque
 ``request`` is the submitted job body with every medium already fetched to a local path
 (``cond_image``, ``cond_audio.person1/2``) plus ``job_id``. ``progress`` takes
 ``{stage, progress 0..1, clip: {i, n}, step: {i, n}, eta_s}`` (any subset); ``should_cancel`` is
-checked once per sampling step and the runner then raises :class:`JobCancelled`.
+checked once per sampling step and the runner then raises :class:`multitalk.errors.JobCancelled`.
 """
 
 from __future__ import annotations
@@ -13,17 +13,10 @@ import importlib
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
-from multitalk import errors as _errors
+from multitalk.errors import UserInputError
 
 ProgressFn = Callable[[dict], None]
 CancelFn = Callable[[], bool]
-
-
-if hasattr(_errors, "JobCancelled"):      # the shared home once errors.py defines it
-    JobCancelled = _errors.JobCancelled
-else:
-    class JobCancelled(_errors.MultiTalkError):
-        """Raised by a runner that saw ``should_cancel()`` return True."""
 
 
 @runtime_checkable
@@ -45,18 +38,18 @@ def resolve_runner_factory(spec: str | RunnerFactory) -> RunnerFactory:
         return spec
     module, sep, attr = str(spec).partition(":")
     if not sep or not module or not attr:
-        raise _errors.UserInputError("runner", f"{spec!r} is not 'module:callable'",
-                                     "e.g. multitalk.pipeline.runner:PipelineRunner")
+        raise UserInputError("runner", f"{spec!r} is not 'module:callable'",
+                             "e.g. multitalk.pipeline.runner:PipelineRunner")
     try:
         obj = importlib.import_module(module)
     except ImportError as e:
-        raise _errors.UserInputError("runner", f"cannot import {module!r}: {e}",
-                                     "check the module name and PYTHONPATH") from None
+        raise UserInputError("runner", f"cannot import {module!r}: {e}",
+                             "check the module name and PYTHONPATH") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise _errors.UserInputError("runner", f"{module!r} has no attribute {attr!r}",
-                                         "check the callable name")
+            raise UserInputError("runner", f"{module!r} has no attribute {attr!r}",
+                                 "check the callable name")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise _errors.UserInputError("runner", f"{spec!r} is not callable", "name a class or function")
+        raise UserInputError("runner", f"{spec!r} is not callable", "name a class or function")
     return obj

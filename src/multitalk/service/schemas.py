@@ -20,10 +20,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)   # NaN/Infinity: 422
 
 
-# Every generation option, validated exactly as the CLI validates it (one definition).
-__all__ = ["GenerationParams"]
-
-
 class CondAudio(_Strict):
     person1: str = Field(..., min_length=1, max_length=4096)
     person2: str | None = Field(None, min_length=1, max_length=4096)

@@ -445,13 +445,3 @@ def _copy_limited(src: BinaryIO, out: BinaryIO, limit: int) -> int:
             raise TooLarge()
         out.write(chunk)
     return n
-
-
-def copy_stream_limited(src: BinaryIO, dest: Path, limit: int) -> int:
-    """Stream ``src`` into ``dest``; raises TooLarge (and removes dest) past ``limit`` bytes."""
-    try:
-        with open(dest, "wb") as out:
-            return _copy_limited(src, out, limit)
-    except TooLarge:
-        dest.unlink(missing_ok=True)
-        raise

@@ -32,13 +32,13 @@ from typing import Callable
 
 import tenacity
 
-from multitalk.errors import MemoryPlanError, UserInputError
+from multitalk.errors import JobCancelled, MemoryPlanError, UserInputError
 
 from .bounds import check_audio
 from .config import ServiceConfig
 from .lora_cache import LoraCache
 from .metrics import Metrics, process_metrics
-from .runner import JobCancelled, Runner
+from .runner import Runner
 from .storage import Storage, StorageError
 from .store import JobStore, StoreUnavailable
 

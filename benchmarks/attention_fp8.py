@@ -17,7 +17,8 @@ Scales, chosen so that nothing can overflow and no extra pass over the data is n
   O is dequantised to the compute dtype right after (fused with the output projection's input).
 
 This changes precision, not the maths; the GPU benchmark measures the DiT output's relative error
-against bf16 (``benchmarks/bench.py``, ``compiled_extra``).
+against bf16 (``benchmarks/bench.py``, ``compiled_extra``). Measured, not offered (README,
+"fp8 attention, measured and not offered"): it lives with the benchmarks, not in the package.
 """
 
 from __future__ import annotations
@@ -208,13 +209,19 @@ class Fp8SelfAttention:
         self.kernel = kernel if kernel is not None else cudnn_sdpa_fp8
 
     def __call__(self, attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        width = query.shape[2] * query.shape[3]
-        bound_q = attn.norm_q.weight.detach().abs().amax().float() * math.sqrt(width)
-        bound_k = attn.norm_k.weight.detach().abs().amax().float() * math.sqrt(width)
-        amax_v = value.abs().amax().float().clamp_min(1e-12)
-        out = quantized_attention(query, key, value, E4M3_MAX / bound_q, E4M3_MAX / bound_k, E4M3_MAX / amax_v,
-                                  self.kernel)
+        out = quantized_attention(query, key, value, *fp8_scales(attn, query, value), self.kernel)
         return out.to(query.dtype)
+
+
+def fp8_scales(attn: nn.Module, query: torch.Tensor, value: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scale_q, scale_k, scale_v)``: q and k from their RMS-norm bound ``sqrt(width) * max|w|``
+    (no pass over the data), v from its amax; scaled values then lie within e4m3's +-448."""
+    width = query.shape[2] * query.shape[3]
+    bound_q = attn.norm_q.weight.detach().abs().amax().float() * math.sqrt(width)
+    bound_k = attn.norm_k.weight.detach().abs().amax().float() * math.sqrt(width)
+    amax_v = value.abs().amax().float().clamp_min(1e-12)
+    return E4M3_MAX / bound_q, E4M3_MAX / bound_k, E4M3_MAX / amax_v
 
 
 def enable_fp8_self_attention(model: nn.Module, kernel=None) -> int:
