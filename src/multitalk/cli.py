@@ -68,6 +68,12 @@ def generate(
     audio2: Optional[Path] = _opt(None, "--audio2", help="Speech of person 2 (two-person video)."),
     prompt: Optional[str] = _opt(None, "--prompt", help="Text prompt (instead of a JSON)."),
     audio_type: str = _opt("add", "--audio_type", "--audio-type", help="Two speakers: add (one after the other) or para (together)."),
+    text: Optional[str] = _opt(None, "--text", help="Speech from text instead of --audio: '(s1) hello (s2) hi there' (tags for two speakers)."),
+    voice1: Optional[str] = _opt(None, "--human1_voice", "--human1-voice", "--voice1", help="Voice of person 1 for --text: espeak-ng name (en-us, en-gb+f3) or Kokoro voice (af_heart, .../voices/af_heart.pt)."),
+    voice2: Optional[str] = _opt(None, "--human2_voice", "--human2-voice", "--voice2", help="Voice of person 2 for --text (default en-us+f3 when the text has (s2) lines)."),
+    audio_mode: Optional[str] = _opt(None, "--audio_mode", "--audio-mode", help="localfile (cond_audio files) or tts (speak tts_audio); default: tts when the JSON has tts_audio and no cond_audio."),
+    tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder, for Kokoro voices (default: espeak-ng, offline)."),
+    audio_save_dir: Optional[Path] = _opt(None, "--audio_save_dir", "--audio-save-dir", help="Where synthesised speech is written (default: <out>_speech/ next to the video)."),
     out_path: Optional[Path] = _opt(None, "--out", "-o", help="Output mp4 (default outputs/<input name>.mp4)."),
     save_file: Optional[str] = _opt(None, "--save_file", "--save-file", help="Official spelling: output name; .mp4 is appended if missing."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
@@ -112,19 +118,38 @@ def generate(
         from multitalk.pipeline.render import render
 
         json_path = input_json or input_json_opt
+        if audio_mode not in (None, "localfile", "tts"):
+            raise UserInputError("audio_mode", f"unknown audio mode {audio_mode!r}",
+                                 "use localfile (cond_audio files) or tts (speech from tts_audio / --text)")
         if json_path is not None:
             spec, warnings = load_input_json(json_path)
             for w in warnings:
                 err.print(f"[yellow]warning:[/] {w}")
+            if audio_mode == "tts":
+                if spec.tts_audio is None:
+                    raise UserInputError("tts_audio", "missing (--audio_mode tts)",
+                                         "add tts_audio {text, human1_voice[, human2_voice]} to the JSON")
+                spec = spec.model_copy(update={"cond_audio": None})
+            elif audio_mode == "localfile" and spec.cond_audio is None:
+                raise UserInputError("cond_audio", "missing (--audio_mode localfile)",
+                                     "give cond_audio files, or use --audio_mode tts to speak tts_audio")
         else:
-            if image is None or audio is None:
+            if image is None or (audio is None and text is None):
                 raise UserInputError("input_json", "no input given",
-                                     "pass INPUT_JSON, or --image and --audio [--audio2] [--prompt]")
-            cond_audio = {"person1": str(audio)}
-            if audio2 is not None:
-                cond_audio["person2"] = str(audio2)
-            spec = InputSpec.model_validate({"prompt": prompt or "", "cond_image": str(image),
-                                             "cond_audio": cond_audio, "audio_type": audio_type})
+                                     "pass INPUT_JSON, or --image and --audio [--audio2] (or --text) [--prompt]")
+            if text is not None and (audio is not None or audio2 is not None):
+                raise UserInputError("text", "given together with --audio", "give either audio files or --text")
+            data = {"prompt": prompt or "", "cond_image": str(image), "audio_type": audio_type}
+            if text is not None:
+                tts = {"text": text, "human2_voice": voice2}
+                if voice1 is not None:
+                    tts["human1_voice"] = voice1
+                data["tts_audio"] = tts
+            else:
+                data["cond_audio"] = {"person1": str(audio)}
+                if audio2 is not None:
+                    data["cond_audio"]["person2"] = str(audio2)
+            spec = InputSpec.from_dict(data)
         params = GenerationParams.from_cli(
             size=size, frame_num=frame_num, motion_frame=motion_frame, mode=mode, sample_steps=sample_steps,
             sample_shift=sample_shift, text_guide_scale=text_scale, audio_guide_scale=audio_scale, seed=seed,
@@ -144,7 +169,16 @@ def generate(
         from multitalk.pipeline.generate import prepare_media
         from multitalk.pipeline.render import check_output_path
 
-        check_output_path(target)
+        target = check_output_path(target)
+        if spec.uses_tts:
+            from multitalk.pipeline.speech_from_text import SpeechSynthesizer, speak_inputs
+
+            speech_dir = audio_save_dir or target.with_name(f"{target.stem}_speech")
+            with err.status("synthesising speech ..."):
+                spec, notes = speak_inputs(spec, speech_dir, SpeechSynthesizer(tts_dir))
+            for w in notes:
+                err.print(f"[yellow]warning:[/] {w}")
+            err.print(f"speech synthesised into {speech_dir}")
         media = prepare_media(spec, params)  # every input problem surfaces before models load
         config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
                               preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
@@ -182,7 +216,8 @@ def demo(
         json_path = write_demo_inputs(workdir)
         err.print(f"demo inputs written to {json_path.parent}")
         generate(input_json=json_path, input_json_opt=None, image=None, audio=None, audio2=None, prompt=None,
-                 audio_type="add", out_path=out_path, save_file=None, ckpt_dir=None, multitalk_dir=None,
+                 audio_type="add", text=None, voice1=None, voice2=None, audio_mode=None, tts_dir=None,
+                 audio_save_dir=None, out_path=out_path, save_file=None, ckpt_dir=None, multitalk_dir=None,
                  wav2vec_dir=None, preset="tiny", size=size, frame_num=frame_num,
                  motion_frame=motion_frame, mode="streaming", sample_steps=steps, sample_shift=None,
                  text_scale=5.0, audio_scale=4.0, seed=42, n_prompt="", use_teacache=False, teacache_thresh=0.2,
