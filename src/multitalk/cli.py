@@ -276,12 +276,13 @@ def weights_make_tiny(
     _run_guarded(run)
 
 
-def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype) -> dict:
+def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, tts_dir=None) -> dict:
     if preset is None and ckpt_dir is None:
         raise UserInputError("ckpt_dir", "no model weights given",
                              "pass --ckpt-dir and --wav2vec-dir (official folders), or --preset tiny")
     opts = {"preset": preset, "device": device, "dtype": dtype}
-    for key, value in (("ckpt_dir", ckpt_dir), ("wav2vec_dir", wav2vec_dir), ("multitalk_dir", multitalk_dir)):
+    for key, value in (("ckpt_dir", ckpt_dir), ("wav2vec_dir", wav2vec_dir), ("multitalk_dir", multitalk_dir),
+                       ("tts_dir", tts_dir)):
         if value is not None:
             opts[key] = str(value)
     return opts
@@ -298,6 +299,7 @@ def serve(
     wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder for tts_audio jobs with Kokoro voices (default: espeak-ng)."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """HTTP job API with one in-process worker (models loaded once)."""
@@ -307,7 +309,7 @@ def serve(
     def run():
         from multitalk.service.cli_commands import serve as serve_api
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, tts_dir)
         serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts)
 
     _run_guarded(run)
@@ -323,6 +325,7 @@ def worker(
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
     max_jobs: Optional[int] = _opt(None, "--max-jobs", help="Exit after N jobs."),
+    tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder for tts_audio jobs with Kokoro voices (default: espeak-ng)."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """An extra worker process against the server's job store."""
@@ -332,7 +335,7 @@ def worker(
     def run():
         from multitalk.service.cli_commands import worker as run_worker
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, tts_dir)
         n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs)
         out.print(f"worker processed {n} jobs")
 
