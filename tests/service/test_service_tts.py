@@ -45,6 +45,6 @@ def test_tts_job_speaks_the_text_and_refuses_voices_it_cannot_speak(pipeline_ser
     # refused at submission: both kinds of speech, or a third speaker
     both = dict(body, cond_audio={"person1": s3(demo, "person1")})
     r = svc.client.post("/v1/jobs", json=both)
-    assert r.status_code == 422 and "either cond_audio" in r.text
+    assert r.status_code == 422 and "not both" in r.text
     r = svc.client.post("/v1/jobs", json=dict(body, tts_audio={"text": "(s1) hi (s3) who?"}))
     assert r.status_code == 422 and "(s3): MultiTalk has persons 1 and 2" in r.text
