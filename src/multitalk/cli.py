@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from multitalk.errors import CheckpointError, MultiTalkError, UserInputError
 
@@ -31,7 +32,8 @@ _DEBUG = False
 def _fail(exc: BaseException, code: int = 2) -> None:
     if _DEBUG:
         raise exc
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # escape(): messages hold brackets ("[row_min, col_min, ...]") that rich would read as markup
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -50,7 +52,7 @@ def _run_guarded(fn):
     except Exception as exc:  # anything unexpected: one line, the hint, no traceback
         if _DEBUG:
             raise
-        err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+        err.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} (run again with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
@@ -124,7 +126,7 @@ def generate(
         if json_path is not None:
             spec, warnings = load_input_json(json_path)
             for w in warnings:
-                err.print(f"[yellow]warning:[/] {w}")
+                err.print(f"[yellow]warning:[/] {escape(w)}")
             if audio_mode == "tts":
                 if spec.tts_audio is None:
                     raise UserInputError("tts_audio", "missing (--audio_mode tts)",
@@ -177,7 +179,7 @@ def generate(
             with err.status("synthesising speech ..."):
                 spec, notes = speak_inputs(spec, speech_dir, SpeechSynthesizer(tts_dir))
             for w in notes:
-                err.print(f"[yellow]warning:[/] {w}")
+                err.print(f"[yellow]warning:[/] {escape(w)}")
             err.print(f"speech synthesised into {speech_dir}")
         media = prepare_media(spec, params)  # every input problem surfaces before models load
         config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
@@ -338,6 +340,59 @@ def worker(
         opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, tts_dir)
         n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs)
         out.print(f"worker processed {n} jobs")
+
+    _run_guarded(run)
+
+
+@app.command()
+def ui(
+    host: str = _opt("127.0.0.1", "--host", help="Bind address (anything but loopback needs --auth)."),
+    port: int = _opt(7860, "--port", help="TCP port of the page."),
+    preset: Optional[str] = _opt(None, "--preset", help="'tiny': the project's small random weights (quick CPU try-out)."),
+    ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
+    multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
+    wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
+    device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
+    dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    api: Optional[str] = _opt(None, "--api", help="Drive a running `multitalk serve` at this URL instead of a local engine."),
+    token: Optional[str] = _opt(None, "--token", envvar="MULTITALK_API_TOKEN", help="API token of the service (--api)."),
+    tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder: Kokoro voices for text to speak (default: espeak-ng)."),
+    data_dir: Path = _opt(Path("multitalk-ui"), "--data-dir", help="Job history, videos and synthesised speech of the page."),
+    auth: Optional[str] = _opt(None, "--auth", envvar="MULTITALK_UI_AUTH", help="USER:PASSWORD login for the page (required off loopback)."),
+    debug: bool = _opt(False, "--debug", help="Show tracebacks."),
+):
+    """Web page (Gradio): image, speaker boxes, speech or text, progress, video, history."""
+    global _DEBUG
+    _DEBUG = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+
+    def run():
+        from multitalk.ui.web import create_page, is_loopback, serve_page
+
+        login = None
+        if auth:
+            user, sep, password = auth.partition(":")
+            if not sep or not user or not password:
+                raise UserInputError("auth", "expected USER:PASSWORD", "e.g. --auth alice:a-long-password")
+            login = (user, password)
+        if login is None and not is_loopback(host):
+            raise UserInputError("host", f"refusing to serve the page on {host} without a login",
+                                 "pass --auth USER:PASSWORD (or MULTITALK_UI_AUTH), or use --host 127.0.0.1")
+        config = None
+        if api is None:
+            from multitalk.pipeline.engine import EngineConfig
+
+            if preset is None and ckpt_dir is None:
+                raise UserInputError("ckpt_dir", "no model weights given",
+                                     "pass --ckpt-dir and --wav2vec-dir (official folders), --preset tiny, "
+                                     "or --api URL of a running multitalk serve")
+            config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
+                                  preset=preset, device=device, dtype=dtype)
+            config.resolved_dirs()   # missing folders fail now, not on the first job
+        page, _backend = create_page(data_dir=data_dir, api=api, token=token, engine_config=config,
+                                     tts_dir=tts_dir, preset=preset)
+        out.print(f"MultiTalk page on http://{host}:{port} ({'service ' + api if api else 'local engine'})")
+        serve_page(page, host, port, auth=login, allowed_paths=[str(data_dir.resolve())])
 
     _run_guarded(run)
 
