@@ -37,7 +37,7 @@ def problem_line(response: httpx.Response) -> str:
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
     field_name = ".".join(loc) or None
-    if field_name and message.startswith(f"{field_name}: "):    # already worded by UserInputError
+    if field_name and message.startswith((f"{field_name}: ", f"{field_name}.")):  # worded by UserInputError
         field_name = None
     return error_line(field_name, message, first.get("fix"))
 
