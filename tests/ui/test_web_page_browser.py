@@ -43,6 +43,15 @@ pytestmark = [pytest.mark.timeout(400),
 LINE = "Hello! Nice to meet you."
 
 
+def readme_screenshot(full: Path, out: Path, width: int = 960, colours: int = 96) -> None:
+    """A small PNG of the page for the README (scaled, palette colours: well under 300 KB)."""
+    from PIL import Image
+
+    img = Image.open(full).convert("RGB")
+    img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
+    img.quantize(colours, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+
+
 @pytest.fixture(scope="module")
 def page_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("page")
@@ -147,6 +156,8 @@ def test_page_generates_a_video_from_audio_and_text(page_server, tmp_path):
         assert "succeeded" in history
         shot = page_server.tmp / "page.png"
         page.screenshot(path=str(shot), full_page=True)
+        if os.environ.get("MULTITALK_UI_SCREENSHOT"):   # the README's picture: the same page, smaller
+            readme_screenshot(shot, Path(os.environ["MULTITALK_UI_SCREENSHOT"]))
 
         # one bad input: speaker 2's box beyond the image's right edge -> the CLI's message
         page.locator("#mt-box2-right input").fill("5000")

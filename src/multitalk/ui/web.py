@@ -258,10 +258,11 @@ def build_app(backend, *, synthesizer, work_dir: str | Path, defaults: PageDefau
                         with gr.Column(visible=False) as text_col:
                             text = gr.Textbox(label="Text to speak", lines=2, placeholder="What this person says",
                                               elem_id=f"mt-text{p}")
-                            with gr.Row():
+                            with gr.Row(equal_height=True):
                                 voice = gr.Dropdown(voices, value=voices[0] if p == 1 else voices[1],
-                                                    allow_custom_value=True, label="Voice", elem_id=f"mt-voice{p}")
-                                hear = gr.Button("Hear it", size="sm", elem_id=f"mt-hear{p}")
+                                                    allow_custom_value=True, label="Voice (espeak-ng name or Kokoro voice)",
+                                                    scale=3, elem_id=f"mt-voice{p}")
+                                hear = gr.Button("Hear it", scale=1, min_width=90, elem_id=f"mt-hear{p}")
                             heard = gr.Audio(label="Synthesised speech", type="filepath", interactive=False,
                                              elem_id=f"mt-heard{p}")
                     speaker_widgets.append(dict(group=group, source=source, audio=audio, text_col=text_col,
@@ -313,7 +314,8 @@ def build_app(backend, *, synthesizer, work_dir: str | Path, defaults: PageDefau
                 download = gr.File(label="Download", interactive=False, elem_id="mt-download")
         with gr.Accordion("History", open=True, elem_id="mt-history-box"):
             history = gr.Dataframe(value=history_rows(backend.history()), headers=HISTORY_HEADERS,
-                                   interactive=False, wrap=True, elem_id="mt-history")
+                                   interactive=False, wrap=True, elem_id="mt-history", max_height=320,
+                                   column_widths=["12%", "10%", "16%", "18%", "8%", "36%"])
             refresh = gr.Button("Refresh", size="sm", elem_id="mt-refresh")
 
         # -- events ------------------------------------------------------------------------------
