@@ -96,3 +96,21 @@ def test_fast_recipes_only_when_configured():
     assert available_recipes() == [QUALITY]
     fast = Recipe("lightx2v", "Fast: 4 steps", {"sample_steps": 4}, lora="lightx2v.safetensors")
     assert [r.key for r in available_recipes({"lightx2v": fast})] == ["quality", "lightx2v"]
+
+
+def test_local_history_survives_a_restart(tmp_path):
+    from dataclasses import asdict
+
+    from multitalk.pipeline.engine import EngineConfig
+    from multitalk.ui.jobs import LocalJobs
+
+    for job in (JobView(id="done1", status="succeeded", created_at=1.0, frames=9),
+                JobView(id="mid1", status="running", created_at=2.0, stage="sampling")):
+        (tmp_path / "jobs" / job.id).mkdir(parents=True)
+        (tmp_path / "jobs" / job.id / "job.json").write_text(json.dumps(asdict(job)))
+    jobs = LocalJobs(EngineConfig(preset="tiny", device="cpu"), tmp_path, preload=False)
+    assert [(j.id, j.status) for j in jobs.history()] == [("mid1", "failed"), ("done1", "succeeded")]
+    assert "interrupted" in jobs.get("mid1").error
+    assert json.loads((tmp_path / "jobs" / "mid1" / "job.json").read_text())["status"] == "failed"
+    with pytest.raises(UserInputError):
+        jobs.get("nope")

@@ -26,7 +26,6 @@ from pathlib import Path
 from multitalk.errors import UserInputError
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # before gradio is imported anywhere
-os.environ.setdefault("GRADIO_SERVER_NAME", "127.0.0.1")
 
 log = logging.getLogger(__name__)
 
