@@ -85,10 +85,8 @@ class Engine:
         dtype = resolve_dtype(config.dtype, device)
         vae_dtype = resolve_dtype(config.vae_dtype, device)
         arch = detect_architecture(ckpt_dir)
-        placement = Placement(device, offload=config.offload)
-        configure_backends(device)
         # With offload, models live on the CPU and are onloaded per use.
-        home = torch.device("cpu") if placement.offload else device
+        home = torch.device("cpu") if config.offload and device.type != "cpu" else device
         timings = {}
 
         def timed(name, fn):
@@ -103,7 +101,25 @@ class Engine:
         vae = timed("vae", lambda: WanVAE.from_checkpoint(ckpt_dir, arch, device=home, dtype=vae_dtype))
         audio = timed("audio_encoder", lambda: AudioEncoder.from_pretrained(w2v_dir, device=home, dtype=torch.float32))
         dit = timed("transformer", lambda: load_transformer(ckpt_dir, mt_dir, arch, device=home, dtype=dtype))
-        dit.eval().requires_grad_(False)
+        return cls.from_components(arch, text_encoder=text, image_encoder=image, vae=vae, audio_encoder=audio,
+                                   transformer=dit, config=config, load_seconds=timings)
+
+    @classmethod
+    def from_components(cls, arch: Architecture, *, text_encoder, image_encoder, vae, audio_encoder,
+                        transformer: torch.nn.Module, config: EngineConfig | None = None,
+                        load_seconds: dict | None = None) -> "Engine":
+        """An engine around models already built (by :meth:`load`, or the benchmark's random
+        full-size ones), with ``config``'s runtime choices applied as :meth:`load` applies them:
+        device placement, backend settings, fp8, attention backend, and on CUDA (or with
+        ``compile=True``) the fused DiT / VAE operations and the DiT blocks' regional compile.
+        Each of these is skipped where the model already has it (a DiT compiled beforehand is not
+        compiled again)."""
+        config = config or EngineConfig()
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        placement = Placement(device, offload=config.offload)
+        configure_backends(device)
+        dit = transformer.eval().requires_grad_(False)
         if config.fp8:
             from multitalk.runtime.fp8 import quantize_linears_fp8
 
@@ -115,6 +131,13 @@ class Engine:
             from multitalk.runtime.vae_fusion import fuse_vae
 
             fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
-            dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
+            if not _blocks_compiled(dit):
+                dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
-        return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings)
+        return cls(arch, text_encoder, image_encoder, vae, audio_encoder, dit, device, dtype, placement,
+                   load_seconds if load_seconds is not None else {})
+
+
+def _blocks_compiled(dit: torch.nn.Module) -> bool:
+    """Whether the DiT's blocks are already compiled (``nn.Module.compile`` keeps the compiled call)."""
+    return any(getattr(block, "_compiled_call_impl", None) is not None for block in getattr(dit, "blocks", []))
