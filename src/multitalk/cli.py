@@ -369,6 +369,11 @@ def ui(
     def run():
         from multitalk.ui.web import create_page, is_loopback, serve_page
 
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise UserInputError("ui", "the web page needs Gradio, which is not installed",
+                                 "pip install -c constraints.txt 'multitalk[ui]'") from None
         login = None
         if auth:
             user, sep, password = auth.partition(":")
