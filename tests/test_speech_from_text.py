@@ -124,6 +124,9 @@ def test_kokoro_voice_missing_from_the_folder(tmp_path):
     with pytest.raises(UserInputError) as e:
         SpeechSynthesizer(tmp_path, voice_files=False).resolve("/etc/voices/af_heart.pt", "tts_audio.human1_voice")
     assert e.value.field == "tts_audio.human1_voice" and "af_heart.pt not found in" in e.value.message
+    (tmp_path / "af_heart.pt").write_bytes(b"x")   # a file of the machine is never read by the service
+    with pytest.raises(UserInputError):
+        SpeechSynthesizer(tmp_path, voice_files=False).resolve(str(tmp_path / "af_heart.pt"), "v")
 
 
 # ----------------------------------------------------------------------------- placement

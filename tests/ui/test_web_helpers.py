@@ -4,10 +4,14 @@ line, the history table, the 422 wording and the recipes list."""
 from __future__ import annotations
 
 import json
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from multitalk.errors import UserInputError
 from multitalk.pipeline.demo_inputs import write_demo_inputs
@@ -114,3 +118,18 @@ def test_local_history_survives_a_restart(tmp_path):
     assert json.loads((tmp_path / "jobs" / "mid1" / "job.json").read_text())["status"] == "failed"
     with pytest.raises(UserInputError):
         jobs.get("nope")
+
+
+def test_a_service_that_is_down_is_a_message_not_a_crash(tmp_path, demo):
+    from page_support import free_port
+
+    from multitalk.ui.api_client import ApiJobs
+    from multitalk.ui.web import safe_history
+
+    client = ApiJobs(f"http://127.0.0.1:{free_port()}", "t", cache_dir=tmp_path)
+    assert "cannot be reached" in client.status()
+    assert safe_history(client) == [["", "", "", "", "", ""]]
+    spec, params, _ = _inputs(demo, tmp_path)
+    with pytest.raises(UserInputError) as e:
+        client.submit(spec, params)
+    assert e.value.field == "api" and "multitalk serve" in e.value.fix

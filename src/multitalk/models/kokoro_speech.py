@@ -45,11 +45,13 @@ def _weights_file(folder: Path) -> Path:
                          "give the Kokoro-82M folder as downloaded (config.json, kokoro-v1_0.pth, voices/)")
 
 
-def voice_file(folder: Path | None, voice: str, field: str = "voice") -> Path:
-    """The ``.pt`` file of a Kokoro voice: an existing file as given, else ``<folder>/voices/<name>.pt``
-    (``af_heart``, ``af_heart.pt`` and ``weights/Kokoro-82M/voices/af_heart.pt`` all name it)."""
+def voice_file(folder: Path | None, voice: str, field: str = "voice", allow_paths: bool = True) -> Path:
+    """The ``.pt`` file of a Kokoro voice: an existing file as given (``allow_paths``), else
+    ``<folder>/voices/<name>.pt`` (``af_heart``, ``af_heart.pt`` and
+    ``weights/Kokoro-82M/voices/af_heart.pt`` all name it). Without ``allow_paths`` (the service)
+    only the folder is looked in."""
     given = Path(voice)
-    if given.suffix == ".pt" and given.is_file():
+    if allow_paths and given.suffix == ".pt" and given.is_file():
         return given
     name = given.name if given.suffix == ".pt" else f"{given.name}.pt"
     if folder is not None:

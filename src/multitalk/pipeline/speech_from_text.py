@@ -185,8 +185,7 @@ class SpeechSynthesizer:
             return (Voice("espeak", check_espeak_voice(stand_in, field)),
                     f"{field}: Kokoro voice {Path(voice).name} needs --tts_dir (a Kokoro folder); "
                     f"speaking with the espeak-ng voice {stand_in} instead")
-        name = voice if self.voice_files else Path(voice).name
-        return Voice("kokoro", str(voice_file(self.tts_dir, name, field))), None
+        return Voice("kokoro", str(voice_file(self.tts_dir, voice, field, allow_paths=self.voice_files))), None
 
     def speak(self, text: str, voice: str, field: str = "text",
               voice_field: str = "voice") -> tuple[np.ndarray, list[str]]:

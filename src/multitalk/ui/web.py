@@ -184,6 +184,15 @@ def history_rows(jobs) -> list[list]:
     return rows or [["", "", "", "", "", ""]]
 
 
+def safe_history(backend) -> list[list]:
+    """The history table, empty when the backend cannot be read (a service that is down)."""
+    try:
+        return history_rows(backend.history())
+    except UserInputError as exc:
+        log.warning("history unavailable: %s", exc)
+        return history_rows([])
+
+
 def default_editor(image_path: str | None, two: bool):
     """The box editor's value for a newly given image: the official default left/right boxes."""
     from multitalk.media.image import load_image
@@ -312,7 +321,7 @@ def build_app(backend, *, synthesizer, work_dir: str | Path, defaults: PageDefau
                 video = gr.Video(label="Result", interactive=False, elem_id="mt-video")
                 download = gr.File(label="Download", interactive=False, elem_id="mt-download")
         with gr.Accordion("History", open=True, elem_id="mt-history-box"):
-            history = gr.Dataframe(value=history_rows(backend.history()), headers=HISTORY_HEADERS,
+            history = gr.Dataframe(value=safe_history(backend), headers=HISTORY_HEADERS,
                                    interactive=False, wrap=True, elem_id="mt-history", max_height=320,
                                    column_widths=["12%", "10%", "16%", "18%", "8%", "36%"])
             refresh = gr.Button("Refresh", size="sm", elem_id="mt-refresh")
@@ -409,7 +418,7 @@ def build_app(backend, *, synthesizer, work_dir: str | Path, defaults: PageDefau
             except UserInputError as exc:
                 yield {errors: error_html(str(exc))}
                 return
-            yield {notes: notes_html(warn), job_state: job_id, history: history_rows(backend.history())}
+            yield {notes: notes_html(warn), job_state: job_id, history: safe_history(backend)}
             while True:
                 try:
                     job = backend.get(job_id)
@@ -420,7 +429,7 @@ def build_app(backend, *, synthesizer, work_dir: str | Path, defaults: PageDefau
                 if job.finished:
                     break
                 time.sleep(POLL_S)
-            update = {history: history_rows(backend.history()), job_state: None,
+            update = {history: safe_history(backend), job_state: None,
                       status: f"Running on the {backend.describe()}: {backend.status()}"}
             if job.status == "succeeded":
                 path = str(backend.video_path(job_id))
@@ -438,7 +447,7 @@ def build_app(backend, *, synthesizer, work_dir: str | Path, defaults: PageDefau
         cancel.click(on_cancel, job_state, None)
 
         def on_refresh():
-            return history_rows(backend.history()), f"Running on the {backend.describe()}: {backend.status()}"
+            return safe_history(backend), f"Running on the {backend.describe()}: {backend.status()}"
 
         refresh.click(on_refresh, None, [history, status])
         app.load(on_refresh, None, [history, status])
