@@ -40,6 +40,7 @@ HEADLINE_KEYS = (
     "forward_bf16_1spk_s", "forward_bf16_2spk_s", "forward_fp8_1spk_s", "fp8_rel_err", "floor_bf16_1spk_s",
     "diffusers_base_forward_s", "clip4_total_s", "clip4_dit_s", "peak_mem_gib_1spk",
     "forward_over_floor", "forward_over_diffusers", "spk2_over_spk1", "fp8_over_bf16", "clip4_non_dit_share",
+    "forward_int8attn_1spk_s", "int8attn_rel_err", "int8attn_kernel_tops", "forward_best_1spk_s", "best_rel_err",
 )
 
 

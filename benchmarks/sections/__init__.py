@@ -19,6 +19,7 @@ SECTIONS = (
     "baseline",
     "compile",
     "compiled_extra",
+    "attention8",
     "vae",
     "clip4",
 )

@@ -24,7 +24,8 @@ def run(b: Bench) -> None:
     dit = b.get_dit()
     t0 = time.perf_counter()
     engine = build_engine(s, dit)
-    sec.update(build_s=time.perf_counter() - t0, build_stage_s=engine.load_seconds, steps=steps, dit_calls=calls)
+    sec.update(build_s=time.perf_counter() - t0, build_stage_s=engine.load_seconds, steps=steps, dit_calls=calls,
+               attention=engine.attention)  # the DiT self-attention the engine chose (int8 on Hopper)
     b.log(f"built encoders + VAE in {sec['build_s']:.1f}s")
     b.report.save()
     try:

@@ -103,6 +103,7 @@ def generate(
     dtype: str = _opt("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32."),
     offload: bool = _opt(False, "--offload_model", "--offload-model", "--offload", help="Keep only the running model on the GPU."),
     fp8: bool = _opt(False, "--fp8", help="FP8 linears in the DiT (Hopper)."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa (bf16), int8 (8-bit Triton kernel, Hopper) or auto (int8 on Hopper in bf16)."),
     compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Regional torch.compile of the DiT blocks and fused VAE element-wise kernels (default: on for CUDA)."),
     save_tensor: Optional[Path] = _opt(None, "--save-tensor", "--save_tensor", help="Also store the float video as safetensors key 'video' (3,T,H,W)."),
     quiet: bool = _opt(False, "--quiet", "-q", help="No progress bars."),
@@ -119,6 +120,7 @@ def generate(
         from multitalk.ui.terminal import ProgressView
         from multitalk.pipeline.render import render
 
+        _check_attention(attention)
         json_path = input_json or input_json_opt
         if audio_mode not in (None, "localfile", "tts"):
             raise UserInputError("audio_mode", f"unknown audio mode {audio_mode!r}",
@@ -184,11 +186,12 @@ def generate(
         media = prepare_media(spec, params)  # every input problem surfaces before models load
         config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
                               preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                              compile=compile)
+                              compile=compile, attention=attention)
         t0 = time.perf_counter()
         with err.status("loading models ..."):
             engine = Engine.load(config)
-        err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, {engine.dtype})")
+        err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, {engine.dtype}, "
+                  f"{engine.attention} attention)")
         with ProgressView(console=err, enabled=not quiet) as view:
             result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
                             progress=view.update)
@@ -224,7 +227,7 @@ def demo(
                  motion_frame=motion_frame, mode="streaming", sample_steps=steps, sample_shift=None,
                  text_scale=5.0, audio_scale=4.0, seed=42, n_prompt="", use_teacache=False, teacache_thresh=0.2,
                  use_apg=False, apg_momentum=-0.75, apg_norm_threshold=55.0, color_correction_strength=0.0,
-                 max_frames=None, device="cpu", dtype="float32", offload=False, fp8=False, compile=False,
+                 max_frames=None, device="cpu", dtype="float32", offload=False, fp8=False, attention="sdpa", compile=False,
                  save_tensor=None, quiet=False, debug=debug)
 
     _run_guarded(run)
@@ -278,11 +281,21 @@ def weights_make_tiny(
     _run_guarded(run)
 
 
-def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, tts_dir=None) -> dict:
+def _check_attention(attention: str) -> None:
+    """An unknown ``--attention`` is a one-line error before anything loads (the device check is Engine.load's)."""
+    from multitalk.runtime.attention_int8 import MODES_CLI
+
+    if attention not in MODES_CLI:
+        raise UserInputError("attention", f"unknown attention {attention!r}", f"use one of {', '.join(MODES_CLI)}")
+
+
+def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention="auto",
+                    tts_dir=None) -> dict:
     if preset is None and ckpt_dir is None:
         raise UserInputError("ckpt_dir", "no model weights given",
                              "pass --ckpt-dir and --wav2vec-dir (official folders), or --preset tiny")
-    opts = {"preset": preset, "device": device, "dtype": dtype}
+    _check_attention(attention)
+    opts = {"preset": preset, "device": device, "dtype": dtype, "attention": attention}
     for key, value in (("ckpt_dir", ckpt_dir), ("wav2vec_dir", wav2vec_dir), ("multitalk_dir", multitalk_dir),
                        ("tts_dir", tts_dir)):
         if value is not None:
@@ -294,13 +307,15 @@ def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype,
 def serve(
     host: str = _opt("127.0.0.1", "--host", help="Bind address (non-loopback needs MULTITALK_API_TOKENS)."),
     port: int = _opt(8000, "--port", help="TCP port."),
-    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="Job store, uploads and outputs."),
+    data_dir: Optional[Path] = _opt(None, "--data-dir", help="Uploads, outputs and the SQLite job store (default: MULTITALK_DATA_DIR or multitalk-data)."),
+    db: Optional[str] = _opt(None, "--db", help="Job store: postgresql://user:pass@host/db to share one queue between machines (default: MULTITALK_DB or SQLite in --data-dir)."),
     preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
     multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
     wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
     tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder for tts_audio jobs with Kokoro voices (default: espeak-ng)."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
@@ -311,15 +326,16 @@ def serve(
     def run():
         from multitalk.service.cli_commands import serve as serve_api
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, tts_dir)
-        serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention, tts_dir)
+        serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts, db=db)
 
     _run_guarded(run)
 
 
 @app.command()
 def worker(
-    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="The same data dir as the server's."),
+    data_dir: Optional[Path] = _opt(None, "--data-dir", help="The same data dir as the server's (default: MULTITALK_DATA_DIR or multitalk-data)."),
+    db: Optional[str] = _opt(None, "--db", help="The server's job store: postgresql://... (default: MULTITALK_DB or SQLite in --data-dir)."),
     preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
     multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
@@ -327,6 +343,7 @@ def worker(
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
     max_jobs: Optional[int] = _opt(None, "--max-jobs", help="Exit after N jobs."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
     tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder for tts_audio jobs with Kokoro voices (default: espeak-ng)."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
@@ -337,8 +354,8 @@ def worker(
     def run():
         from multitalk.service.cli_commands import worker as run_worker
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, tts_dir)
-        n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention, tts_dir)
+        n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs, db=db)
         out.print(f"worker processed {n} jobs")
 
     _run_guarded(run)
@@ -354,6 +371,7 @@ def ui(
     wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention of the local engine: sdpa, int8 (Hopper) or auto."),
     api: Optional[str] = _opt(None, "--api", help="Drive a running `multitalk serve` at this URL instead of a local engine."),
     token: Optional[str] = _opt(None, "--token", envvar="MULTITALK_API_TOKEN", help="API token of the service (--api)."),
     tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder: Kokoro voices for text to speak (default: espeak-ng)."),
@@ -391,8 +409,9 @@ def ui(
                 raise UserInputError("ckpt_dir", "no model weights given",
                                      "pass --ckpt-dir and --wav2vec-dir (official folders), --preset tiny, "
                                      "or --api URL of a running multitalk serve")
+            _check_attention(attention)
             config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
-                                  preset=preset, device=device, dtype=dtype)
+                                  preset=preset, device=device, dtype=dtype, attention=attention)
             config.resolved_dirs()   # missing folders fail now, not on the first job
         page, _backend = create_page(data_dir=data_dir, api=api, token=token, engine_config=config,
                                      tts_dir=tts_dir, preset=preset)

@@ -36,6 +36,8 @@ class EngineConfig:
     compile: bool | None = None        # regional torch.compile of the DiT blocks + fused VAE element-wise
                                        # chains (runtime.vae_fusion); None: on for CUDA
     attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
+    attention: str = "auto"            # DiT self-attention: "sdpa" (the attention backend, bf16), "int8"
+                                       # (runtime.attention_int8, Hopper), "auto": int8 on Hopper in bf16
 
     def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
         if self.preset is not None:
@@ -71,6 +73,7 @@ class Engine:
     dtype: torch.dtype
     placement: Placement
     load_seconds: dict = field(default_factory=dict)
+    attention: str = "sdpa"            # the self-attention installed: "sdpa" or "int8"
 
     @classmethod
     def load(cls, config: EngineConfig) -> "Engine":
@@ -79,10 +82,12 @@ class Engine:
         from multitalk.models.text_encoder import TextEncoder
         from multitalk.models.transformer import load_transformer
         from multitalk.models.vae import WanVAE
+        from multitalk.runtime.attention_int8 import select_self_attention
 
-        ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        attention = select_self_attention(config.attention, device, dtype)  # before any file is touched
+        ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
         vae_dtype = resolve_dtype(config.vae_dtype, device)
         arch = detect_architecture(ckpt_dir)
         # With offload, models live on the CPU and are onloaded per use.
@@ -110,13 +115,17 @@ class Engine:
                         load_seconds: dict | None = None) -> "Engine":
         """An engine around models already built (by :meth:`load`, or the benchmark's random
         full-size ones), with ``config``'s runtime choices applied as :meth:`load` applies them:
-        device placement, backend settings, fp8, attention backend, and on CUDA (or with
+        device placement, backend settings, fp8, attention backend, the 8-bit self-attention
+        (``config.attention``), and on CUDA (or with
         ``compile=True``) the fused DiT / VAE operations and the DiT blocks' regional compile.
         Each of these is skipped where the model already has it (a DiT compiled beforehand is not
         compiled again)."""
+        from multitalk.runtime.attention_int8 import select_self_attention
+
         config = config or EngineConfig()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        attention = select_self_attention(config.attention, device, dtype)
         placement = Placement(device, offload=config.offload)
         configure_backends(device)
         dit = transformer.eval().requires_grad_(False)
@@ -126,6 +135,10 @@ class Engine:
             quantize_linears_fp8(dit)
         if config.attention_backend:
             dit.set_attention_backend(config.attention_backend)
+        if attention == "int8":
+            from multitalk.runtime.attention_int8 import enable_int8_self_attention
+
+            enable_int8_self_attention(dit, device=device)  # int8 Q·Kᵀ + bf16 P·V Triton kernel in every block's self-attention
         if config.compile or (config.compile is None and device.type == "cuda"):
             from multitalk.runtime.dit_fusion import fuse_dit
             from multitalk.runtime.vae_fusion import fuse_vae
@@ -135,7 +148,7 @@ class Engine:
                 dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
         return cls(arch, text_encoder, image_encoder, vae, audio_encoder, dit, device, dtype, placement,
-                   load_seconds if load_seconds is not None else {})
+                   load_seconds if load_seconds is not None else {}, attention)
 
 
 def _blocks_compiled(dit: torch.nn.Module) -> bool:
