@@ -19,6 +19,8 @@ the report and the run goes on), and rewrites the JSON report after every measur
 * ``vae``       full-size VAE encode (81 frames) and chunked decode (21 latent frames): as loaded,
                 channels-last probe, ``runtime.vae_fusion``; times, kernel breakdowns, relative error
 * ``clip4``     one 81-frame clip at 4 steps through ``pipeline.generate`` (+ mp4), per stage
+* ``video10s_lora``  a 10-second two-speaker streaming video with a random rank-32 LoRA merged,
+                ``recipe=lightx2v`` (4 steps x 2 passes), warm, per stage; LoRA read/merge times
 
 The harness (report, timing, shared state) is ``harness.py``, the random models and inputs
 ``builders.py``, and each section ``sections/<name>.py`` (registered in ``sections/__init__.py``).
@@ -83,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--clip-steps", type=int, default=4)
     p.add_argument("--text-tokens", type=int, default=200, help="trimmed T5 context length")
+    p.add_argument("--attention", default=None, choices=("sdpa", "int8", "auto"),
+                   help="video10s_lora: EngineConfig.attention (default: the engine's own, auto)")
+    p.add_argument("--recipe", default="lightx2v", choices=("lightx2v", "fusionx"), help="video10s_lora: the recipe")
+    p.add_argument("--lora-rank", type=int, default=32, help="video10s_lora: rank of the random LoRA")
+    p.add_argument("--video-seconds", type=float, default=None,
+                   help="video10s_lora: speech length (default 10; --tiny-cpu 0.52, two clips)")
     p.add_argument("--budget-s", type=float, default=510.0,
                    help="wall-clock budget: later sections/variants that would not fit are skipped")
     args = p.parse_args(argv)

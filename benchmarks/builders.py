@@ -120,10 +120,11 @@ def build_wan_baseline(s: Setting, seed: int = 7):
     return model.eval().requires_grad_(False), kwargs
 
 
-def build_engine(s: Setting, dit, seed: int = 11):
+def build_engine(s: Setting, dit, seed: int = 11, **config):
     """A pipeline ``Engine`` of random-weight encoders + VAE around ``dit`` (tiny tokenizer: offline),
-    put together by ``Engine.from_components`` with the default configuration, as ``Engine.load``
-    does: on CUDA the fused VAE, and the DiT fused and compiled unless an earlier section did it."""
+    put together by ``Engine.from_components`` with the default configuration (plus ``config``:
+    further ``EngineConfig`` fields, e.g. ``loras``), as ``Engine.load`` does: LoRAs merged, on CUDA
+    the fused VAE, and the DiT fused and compiled unless an earlier section did it."""
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor
 
     from multitalk.models import tiny
@@ -176,7 +177,7 @@ def build_engine(s: Setting, dit, seed: int = 11):
     components = dict(text_encoder=timed("text_encoder", text), image_encoder=timed("image_encoder", image),
                       vae=timed("vae", vae), audio_encoder=timed("audio_encoder", audio), transformer=dit)
     return timed("engine", lambda: Engine.from_components(
-        arch, **components, config=EngineConfig(device=str(dev), dtype=s.dtype), load_seconds=seconds))
+        arch, **components, config=EngineConfig(device=str(dev), dtype=s.dtype, **config), load_seconds=seconds))
 
 
 def build_vae(s: Setting, seed: int):

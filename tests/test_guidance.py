@@ -97,3 +97,20 @@ def test_apg_combination_uses_one_buffer_per_difference():
     # the guidance added to cond is orthogonal to cond
     extra = (got - cond).double()
     assert abs(float((extra * cond.double()).sum() / (extra.norm() * cond.double().norm()))) < 1e-5
+
+
+def test_both_scales_one_run_one_branch():
+    from multitalk.pipeline.guidance import branch_names
+
+    state = GuidanceState(_params(text_guide_scale=1.0, audio_guide_scale=1.0))
+    assert state.names == ("cond",) and state.num_branches == 1
+    assert state.branches("ctx", "null", "audio", "zero") == [("ctx", "audio")]
+    (cond,) = _preds(1)
+    assert torch.equal(state.combine([cond]), cond)
+    assert torch.equal(GuidanceState(_params(text_guide_scale=1.0, audio_guide_scale=1.0, use_apg=True)).combine([cond]), cond)
+    # the 2-branch formula at audio scale 1 is the same prediction up to rounding
+    drop_audio = _preds(2)[1]
+    assert torch.allclose(cfg_combine([cond, drop_audio], 1.0, 1.0), cond, atol=1e-6)
+    assert branch_names(1.0, 2.0) == ("cond", "drop_audio") and branch_names(5.0, 1.0) == ("cond", "drop_text", "uncond")
+    with pytest.raises(ValueError):
+        state.combine(_preds(2))

@@ -22,6 +22,7 @@ SECTIONS = (
     "attention8",
     "vae",
     "clip4",
+    "video10s_lora",
 )
 
 

@@ -3,6 +3,11 @@
 Every option of the official ``generate_multitalk.py`` is accepted with its own name (``--frame_num``)
 and the dashed spelling (``--frame-num``), with the same meaning. Bad input prints one line naming
 the field and the fix and exits with code 2; ``--debug`` shows the traceback.
+
+``--lora_dir`` and ``--lora_scale`` take several values as the official ``nargs='+'`` options do
+(``--lora_dir a.safetensors b.safetensors --lora_scale 1.0 0.5``) and may also be repeated; click has
+no ``nargs='+'``, so :func:`expand_multi_value_options` rewrites the first form into the second
+before parsing.
 """
 
 from __future__ import annotations
@@ -16,10 +21,59 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
-from multitalk.errors import CheckpointError, MultiTalkError, UserInputError
+from multitalk.errors import CheckpointError, MemoryPlanError, MultiTalkError, UserInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# options that take one or more values (official argparse nargs='+'): name -> value kind
+_MULTI_VALUE = {"--lora_dir": "path", "--lora-dir": "path", "--lora_scale": "number", "--lora-scale": "number"}
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def expand_multi_value_options(args: list[str]) -> list[str]:
+    """``--lora_dir a b --lora_scale 1 0.5`` -> ``--lora_dir a --lora_dir b --lora_scale 1 --lora_scale 0.5``.
+
+    After such an option, further tokens are its values while they look like values: numbers for
+    ``--lora_scale``; for ``--lora_dir`` anything that is not an option and does not end in
+    ``.json`` (so ``--lora_dir a.safetensors example.json`` keeps ``example.json`` as INPUT_JSON).
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        out.append(token)
+        i += 1
+        if token == "--":
+            out.extend(args[i:])
+            break
+        kind = _MULTI_VALUE.get(token)
+        if kind is None or i >= len(args):
+            continue
+        out.append(args[i])  # the option's own value, whatever it looks like
+        i += 1
+        while i < len(args):
+            nxt = args[i]
+            more = _is_number(nxt) if kind == "number" else not (nxt.startswith("-") or nxt.lower().endswith(".json"))
+            if not more:
+                break
+            out += [token, nxt]
+            i += 1
+    return out
+
+
+class _Group(TyperGroup):
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, expand_multi_value_options(list(args)))
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
                   help="MultiTalk: lip-synced talking video from an image, speech and a prompt.")
 weights_app = typer.Typer(no_args_is_help=True, help="Inspect or create model weight folders.")
 app.add_typer(weights_app, name="weights")
@@ -42,7 +96,7 @@ def _run_guarded(fn):
         return fn()
     except typer.Exit:
         raise
-    except (UserInputError, CheckpointError) as exc:
+    except (UserInputError, CheckpointError, MemoryPlanError) as exc:
         _fail(exc, 2)
     except MultiTalkError as exc:
         _fail(exc, 1)
@@ -61,8 +115,39 @@ def _opt(default, *names, help: str = "", **kw):
     return typer.Option(default, *names, help=help, **kw)
 
 
+def _given(ctx: typer.Context | None, name: str) -> bool:
+    """Whether the option ``name`` was given on the command line (not its default)."""
+    if ctx is None:
+        return True
+    source = ctx.get_parameter_source(name)  # by name: typer may carry its own copy of click's enum
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def lora_specs(lora_dir: list | None, lora_scale: list | None) -> tuple:
+    """``--lora_dir`` / ``--lora_scale`` -> LoRA specs (one scale per file, 1.0 each by default)."""
+    from multitalk.models.lora import LoraSpec, check_scale
+
+    files = list(lora_dir or [])
+    scales = list(lora_scale or [])
+    if scales and not files:
+        raise UserInputError("lora_scale", "given without --lora_dir", "add --lora_dir FILE [FILE ...]")
+    if scales and len(scales) != len(files):
+        raise UserInputError("lora_scale", f"{len(scales)} scales for {len(files)} LoRA files",
+                             "give one --lora_scale per --lora_dir file, or none (1.0 each)")
+    scales = scales or [1.0] * len(files)
+    return tuple(LoraSpec(Path(f), check_scale(s, i)) for i, (f, s) in enumerate(zip(files, scales)))
+
+
+# recipe field -> the generate() parameter that sets it
+_RECIPE_OPTIONS = {"sample_steps": "sample_steps", "sample_shift": "sample_shift", "text_guide_scale": "text_scale",
+                   "audio_guide_scale": "audio_scale"}
+RECIPE_FILES = {"lightx2v": "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
+                "fusionx": "Wan2.1_I2V_14B_FusionX_LoRA.safetensors"}
+
+
 @app.command()
 def generate(
+    ctx: typer.Context,
     input_json: Optional[Path] = typer.Argument(None, help="Official input JSON (prompt, cond_image, cond_audio, audio_type, bbox)."),
     input_json_opt: Optional[Path] = _opt(None, "--input_json", "--input-json", help="Same as the positional INPUT_JSON."),
     image: Optional[Path] = _opt(None, "--image", help="Reference image (instead of a JSON)."),
@@ -88,8 +173,11 @@ def generate(
     mode: str = _opt("clip", "--mode", help="clip (one clip) or streaming (until the audio ends)."),
     sample_steps: int = _opt(40, "--sample_steps", "--sample-steps", help="Sampling steps."),
     sample_shift: Optional[float] = _opt(None, "--sample_shift", "--sample-shift", help="Flow shift (default 7 at 480p, 11 at 720p)."),
-    text_scale: float = _opt(5.0, "--sample_text_guide_scale", "--sample-text-guide-scale", help="Text guidance scale."),
-    audio_scale: float = _opt(4.0, "--sample_audio_guide_scale", "--sample-audio-guide-scale", help="Audio guidance scale."),
+    text_scale: float = _opt(5.0, "--sample_text_guide_scale", "--sample-text-guide-scale", help="Text guidance scale (1.0: 2 passes per step instead of 3)."),
+    audio_scale: float = _opt(4.0, "--sample_audio_guide_scale", "--sample-audio-guide-scale", help="Audio guidance scale (with text guide 1.0 too: 1 pass per step)."),
+    lora_dir: Optional[list[Path]] = _opt(None, "--lora_dir", "--lora-dir", help="LoRA .safetensors file(s), merged into the DiT at load, in order: --lora_dir A [B ...] (official, kohya or diffusers format)."),
+    lora_scale: Optional[list[float]] = _opt(None, "--lora_scale", "--lora-scale", help="Strength per --lora_dir file: --lora_scale 1.0 [0.5 ...] (default 1.0 each)."),
+    recipe: Optional[str] = _opt(None, "--recipe", help="Few-step defaults for a step-distillation LoRA: lightx2v (4 steps) or fusionx (8 steps); shift 2, text guide 1, audio guide 2. Options given explicitly win."),
     seed: int = _opt(42, "--base_seed", "--base-seed", "--seed", help="Random seed (same noise as the official code on the same device)."),
     n_prompt: str = _opt("", "--n_prompt", "--n-prompt", help="Negative prompt (default: the official one)."),
     use_teacache: bool = _opt(False, "--use_teacache", "--use-teacache", help="Skip DiT calls with TeaCache."),
@@ -101,8 +189,12 @@ def generate(
     max_frames: Optional[int] = _opt(None, "--max-frames", "--max_frames", help="Streaming: stop after N frames."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     dtype: str = _opt("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32."),
-    offload: bool = _opt(False, "--offload_model", "--offload-model", "--offload", help="Keep only the running model on the GPU."),
-    fp8: bool = _opt(False, "--fp8", help="FP8 linears in the DiT (Hopper)."),
+    offload: bool = _opt(False, "--offload_model", "--offload-model", "--offload", help="Encoders and VAE leave the GPU between uses."),
+    fp8: bool = _opt(False, "--fp8", help="FP8 compute: the DiT's feed-forward linears in e4m3 (Ada/Hopper matmuls)."),
+    weights: str = _opt("auto", "--weights", help="DiT block weights: auto/bf16 (the compute dtype) or fp8 (e4m3, half the memory)."),
+    fp8_matmul: Optional[bool] = _opt(None, "--fp8-matmul/--no-fp8-matmul", help="fp8 weights through fp8 matmuls (default: where the GPU has them); off: dequantised per layer."),
+    max_vram: Optional[float] = _opt(None, "--max-vram", "--max_vram", help="GPU memory to plan for, in GiB (default: what the GPU has free)."),
+    persistent_params: Optional[int] = _opt(None, "--num_persistent_param_in_dit", "--num-persistent-param-in-dit", help="Official: DiT parameters kept on the GPU; the other blocks are streamed (0: all)."),
     attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa (bf16), int8 (8-bit Triton kernel, Hopper) or auto (int8 on Hopper in bf16)."),
     compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Regional torch.compile of the DiT blocks and fused VAE element-wise kernels (default: on for CUDA)."),
     save_tensor: Optional[Path] = _opt(None, "--save-tensor", "--save_tensor", help="Also store the float video as safetensors key 'video' (3,T,H,W)."),
@@ -154,12 +246,20 @@ def generate(
                 if audio2 is not None:
                     data["cond_audio"]["person2"] = str(audio2)
             spec = InputSpec.from_dict(data)
+        options = dict(sample_steps=sample_steps, sample_shift=sample_shift, text_guide_scale=text_scale,
+                       audio_guide_scale=audio_scale)
+        if recipe is not None:  # the recipe's values for what the command line left at its defaults
+            options = {k: v for k, v in options.items() if _given(ctx, _RECIPE_OPTIONS[k])}
         params = GenerationParams.from_cli(
-            size=size, frame_num=frame_num, motion_frame=motion_frame, mode=mode, sample_steps=sample_steps,
-            sample_shift=sample_shift, text_guide_scale=text_scale, audio_guide_scale=audio_scale, seed=seed,
+            size=size, frame_num=frame_num, motion_frame=motion_frame, mode=mode, seed=seed, recipe=recipe,
             n_prompt=n_prompt, use_teacache=use_teacache, teacache_thresh=teacache_thresh, use_apg=use_apg,
             apg_momentum=apg_momentum, apg_norm_threshold=apg_norm_threshold,
-            color_correction_strength=color_correction_strength, max_frames=max_frames)
+            color_correction_strength=color_correction_strength, max_frames=max_frames, **options)
+        loras = lora_specs(lora_dir, lora_scale)
+        if params.recipe is not None and not loras:
+            err.print(f"[yellow]warning:[/] --recipe {params.recipe} without --lora_dir: {params.sample_steps} steps "
+                      f"of the base model give a blurred video (the recipe is made for "
+                      f"{RECIPE_FILES[params.recipe]})")
         if out_path is not None:
             target = out_path
         elif save_file is not None:
@@ -184,14 +284,27 @@ def generate(
                 err.print(f"[yellow]warning:[/] {escape(w)}")
             err.print(f"speech synthesised into {speech_dir}")
         media = prepare_media(spec, params)  # every input problem surfaces before models load
+        from multitalk.pipeline.memory import workload_of
+
         config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
                               preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                              compile=compile, attention=attention)
+                              compile=compile, attention=attention, loras=loras, weights=weights,
+                              fp8_matmul=fp8_matmul, max_vram_gib=max_vram, num_persistent_param_in_dit=persistent_params,
+                              workload=workload_of(media, params))
         t0 = time.perf_counter()
         with err.status("loading models ..."):
             engine = Engine.load(config)
         err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, {engine.dtype}, "
                   f"{engine.attention} attention)")
+        if engine.plan is not None:
+            err.print(engine.plan.summary(), highlight=False, soft_wrap=True)
+        for line in engine.lora_report.lines():
+            err.print(line, highlight=False)
+        from multitalk.pipeline.guidance import branch_names
+
+        passes = len(branch_names(params.text_guide_scale, params.audio_guide_scale))
+        err.print(f"sampling: {params.sample_steps} steps x {passes} model passes per clip (shift {params.shift:g}, "
+                  f"text guide {params.text_guide_scale:g}, audio guide {params.audio_guide_scale:g})", highlight=False)
         with ProgressView(console=err, enabled=not quiet) as view:
             result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
                             progress=view.update)
@@ -220,7 +333,7 @@ def demo(
 
         json_path = write_demo_inputs(workdir)
         err.print(f"demo inputs written to {json_path.parent}")
-        generate(input_json=json_path, input_json_opt=None, image=None, audio=None, audio2=None, prompt=None,
+        generate(ctx=None, input_json=json_path, input_json_opt=None, image=None, audio=None, audio2=None, prompt=None,
                  audio_type="add", text=None, voice1=None, voice2=None, audio_mode=None, tts_dir=None,
                  audio_save_dir=None, out_path=out_path, save_file=None, ckpt_dir=None, multitalk_dir=None,
                  wav2vec_dir=None, preset="tiny", size=size, frame_num=frame_num,
@@ -228,7 +341,8 @@ def demo(
                  text_scale=5.0, audio_scale=4.0, seed=42, n_prompt="", use_teacache=False, teacache_thresh=0.2,
                  use_apg=False, apg_momentum=-0.75, apg_norm_threshold=55.0, color_correction_strength=0.0,
                  max_frames=None, device="cpu", dtype="float32", offload=False, fp8=False, attention="sdpa", compile=False,
-                 save_tensor=None, quiet=False, debug=debug)
+                 weights="auto", fp8_matmul=None, max_vram=None, persistent_params=None,
+                 save_tensor=None, quiet=False, debug=debug, lora_dir=None, lora_scale=None, recipe=None)
 
     _run_guarded(run)
 
@@ -290,12 +404,13 @@ def _check_attention(attention: str) -> None:
 
 
 def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention="auto",
-                    tts_dir=None) -> dict:
+                    memory: dict | None = None, tts_dir=None) -> dict:
     if preset is None and ckpt_dir is None:
         raise UserInputError("ckpt_dir", "no model weights given",
                              "pass --ckpt-dir and --wav2vec-dir (official folders), or --preset tiny")
     _check_attention(attention)
     opts = {"preset": preset, "device": device, "dtype": dtype, "attention": attention}
+    opts.update({k: v for k, v in (memory or {}).items() if v is not None and v is not False})
     for key, value in (("ckpt_dir", ckpt_dir), ("wav2vec_dir", wav2vec_dir), ("multitalk_dir", multitalk_dir),
                        ("tts_dir", tts_dir)):
         if value is not None:
@@ -315,6 +430,11 @@ def serve(
     wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    max_vram: Optional[float] = _opt(None, "--max-vram", "--max_vram", help="GPU memory to plan for, in GiB (default: what the GPU has free)."),
+    weights: str = _opt("auto", "--weights", help="DiT block weights: auto/bf16 or fp8 (e4m3, half the memory)."),
+    persistent_params: Optional[int] = _opt(None, "--num_persistent_param_in_dit", "--num-persistent-param-in-dit", help="Official: DiT parameters kept on the GPU; the other blocks are streamed (0: all)."),
+    offload: bool = _opt(False, "--offload_model", "--offload-model", help="Encoders and VAE leave the GPU between uses."),
+    fp8: bool = _opt(False, "--fp8", help="FP8 compute: the DiT's feed-forward linears in e4m3."),
     attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
     tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder for tts_audio jobs with Kokoro voices (default: espeak-ng)."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
@@ -326,7 +446,9 @@ def serve(
     def run():
         from multitalk.service.cli_commands import serve as serve_api
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention, tts_dir)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention,
+                               dict(max_vram_gib=max_vram, weights=None if weights == "auto" else weights,
+                                    num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8), tts_dir)
         serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts, db=db)
 
     _run_guarded(run)
@@ -342,6 +464,11 @@ def worker(
     wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    max_vram: Optional[float] = _opt(None, "--max-vram", "--max_vram", help="GPU memory to plan for, in GiB (default: what the GPU has free)."),
+    weights: str = _opt("auto", "--weights", help="DiT block weights: auto/bf16 or fp8 (e4m3, half the memory)."),
+    persistent_params: Optional[int] = _opt(None, "--num_persistent_param_in_dit", "--num-persistent-param-in-dit", help="Official: DiT parameters kept on the GPU; the other blocks are streamed (0: all)."),
+    offload: bool = _opt(False, "--offload_model", "--offload-model", help="Encoders and VAE leave the GPU between uses."),
+    fp8: bool = _opt(False, "--fp8", help="FP8 compute: the DiT's feed-forward linears in e4m3."),
     max_jobs: Optional[int] = _opt(None, "--max-jobs", help="Exit after N jobs."),
     attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
     tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder for tts_audio jobs with Kokoro voices (default: espeak-ng)."),
@@ -354,7 +481,9 @@ def worker(
     def run():
         from multitalk.service.cli_commands import worker as run_worker
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention, tts_dir)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention,
+                               dict(max_vram_gib=max_vram, weights=None if weights == "auto" else weights,
+                                    num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8), tts_dir)
         n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs, db=db)
         out.print(f"worker processed {n} jobs")
 
@@ -375,6 +504,8 @@ def ui(
     api: Optional[str] = _opt(None, "--api", help="Drive a running `multitalk serve` at this URL instead of a local engine."),
     token: Optional[str] = _opt(None, "--token", envvar="MULTITALK_API_TOKEN", help="API token of the service (--api)."),
     tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder: Kokoro voices for text to speak (default: espeak-ng)."),
+    lora_dir: Optional[list[str]] = _opt(None, "--lora_dir", "--lora-dir", help="LoRA file(s) for the fast recipes (lightx2v, fusionx): local files, or with --api URIs the service reads. The quality recipe runs without them."),
+    lora_scale: Optional[list[float]] = _opt(None, "--lora_scale", "--lora-scale", help="Strength per --lora_dir file (default 1.0 each)."),
     data_dir: Path = _opt(Path("multitalk-ui"), "--data-dir", help="Job history, videos and synthesised speech of the page."),
     auth: Optional[str] = _opt(None, "--auth", envvar="MULTITALK_UI_AUTH", help="USER:PASSWORD login for the page (required off loopback)."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
@@ -413,8 +544,22 @@ def ui(
             config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
                                   preset=preset, device=device, dtype=dtype, attention=attention)
             config.resolved_dirs()   # missing folders fail now, not on the first job
+        loras = None
+        if lora_dir:
+            if api is None:   # local files: checked against the model now (headers only)
+                specs = lora_specs(lora_dir, lora_scale)
+                config.check_loras(specs)
+                loras = [{"uri": str(spec.path), "scale": spec.scale} for spec in specs]
+            else:             # URIs the service reads and checks at submission
+                scales = list(lora_scale or [1.0] * len(lora_dir))
+                if len(scales) != len(lora_dir):
+                    raise UserInputError("lora_scale", f"{len(scales)} scales for {len(lora_dir)} LoRA files",
+                                         "give one --lora_scale per --lora_dir file, or none (1.0 each)")
+                loras = [{"uri": uri, "scale": scale} for uri, scale in zip(lora_dir, scales)]
+        elif lora_scale:
+            raise UserInputError("lora_scale", "given without --lora_dir", "add --lora_dir FILE [FILE ...]")
         page, _backend = create_page(data_dir=data_dir, api=api, token=token, engine_config=config,
-                                     tts_dir=tts_dir, preset=preset)
+                                     tts_dir=tts_dir, preset=preset, loras=loras)
         out.print(f"MultiTalk page on http://{host}:{port} ({'service ' + api if api else 'local engine'})")
         serve_page(page, host, port, auth=login, allowed_paths=[str(data_dir.resolve())])
 

@@ -42,5 +42,28 @@ class CheckpointError(MultiTalkError, ValueError):
         super().__init__("; ".join(parts))
 
 
+class MemoryPlanError(MultiTalkError):
+    """The GPU memory cannot hold this generation with these settings: what it needs, what there is,
+    and the setting to try (``fix``). Raised before sampling by the memory plan, and for an
+    out-of-memory error in the middle of a run (``during`` names the stage)."""
+
+    def __init__(self, *, needed: int | None, available: int | None, fix: str, phase: str | None = None,
+                 source: str | None = None, workload: str | None = None, during: str | None = None):
+        self.needed, self.available, self.fix = needed, available, fix
+        self.phase, self.source, self.workload, self.during = phase, source, workload, during
+        gib = lambda n: f"{n / 2**30:.1f} GiB" if n >= 10 * 2**30 else f"{n / 2**30:.2f} GiB"  # noqa: E731
+        what = f"this clip ({workload})" if workload else "this generation"
+        if during:
+            text = f"the GPU ran out of memory during {during}"
+            if needed is not None and available is not None:
+                text += f" ({what} was planned at ~{gib(needed)} of {gib(available)})"
+        else:
+            text = f"not enough GPU memory: {what} needs about {gib(needed)}"
+            if phase:
+                text += f" at its peak ({phase})"
+            text += f", {gib(available)} available" + (f" ({source})" if source else "")
+        super().__init__(f"{text}; try {fix}")
+
+
 class JobCancelled(MultiTalkError):
     """A generation stopped because its caller asked it to (checked between sampling steps)."""

@@ -18,7 +18,7 @@ from multitalk.pipeline.demo_inputs import write_demo_inputs
 from multitalk.pipeline.speech_from_text import SpeechSynthesizer
 from multitalk.ui.api_client import job_view, problem_line
 from multitalk.ui.jobs import JobView
-from multitalk.ui.web import (QUALITY, Recipe, available_recipes, build_inputs, default_editor, history_rows,
+from multitalk.ui.web import (QUALITY, available_recipes, build_inputs, default_editor, history_rows,
                               progress_html)
 
 
@@ -97,9 +97,13 @@ def test_service_answers_read_like_the_cli():
 
 
 def test_fast_recipes_only_when_configured():
-    assert available_recipes() == [QUALITY]
-    fast = Recipe("lightx2v", "Fast: 4 steps", {"sample_steps": 4}, lora="lightx2v.safetensors")
-    assert [r.key for r in available_recipes({"lightx2v": fast})] == ["quality", "lightx2v"]
+    from multitalk.pipeline.inputs import RECIPES
+    from multitalk.ui.web import lora_recipes
+
+    assert available_recipes() == [QUALITY] and lora_recipes(None) == {}
+    fast = lora_recipes([{"uri": "/x/lightx2v.safetensors", "scale": 1.0}])
+    assert [r.key for r in available_recipes(fast)] == ["quality", *RECIPES]
+    assert fast["lightx2v"].params == RECIPES["lightx2v"] and "lightx2v.safetensors" in fast["lightx2v"].label
 
 
 def test_local_history_survives_a_restart(tmp_path):

@@ -3,7 +3,8 @@ driven by Playwright.
 
 One session does what a user does: upload the demo image (the default left/right boxes appear on
 it), drag a box and type a coordinate, upload speaker 1's demo recording, type a line for speaker 2
-and hear it, set small options (preview bucket, one 9-frame clip, 2 steps), generate, watch the
+and hear it, pick the fast LoRA recipe (a random LoRA for the tiny DiT given with ``--lora_dir``),
+set small options (preview bucket, one 9-frame clip, 2 steps), generate, watch the
 progress, play the video and download it, cancel a longer job while it samples, then try one bad
 input. Every request the browser makes
 must stay on loopback (nothing phones home). Timings of each phase are printed (``-s``) and
@@ -30,7 +31,11 @@ from page_support import CHROMIUM, CHROMIUM_FLAGS, Server, free_port, offline_en
 
 from typer.testing import CliRunner  # noqa: E402
 
+from safetensors.torch import save_file  # noqa: E402
+
 from multitalk.cli import app  # noqa: E402
+from multitalk.models.architecture import TINY  # noqa: E402
+from multitalk.models.lora import random_official_lora  # noqa: E402
 from multitalk.media.speech_synthesis import espeak_program  # noqa: E402
 from multitalk.pipeline.demo_inputs import write_demo_inputs  # noqa: E402
 
@@ -58,10 +63,12 @@ def readme_screenshot(full: Path, out: Path, width: int = 960, colours: int = 96
 def page_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("page")
     port = free_port()
+    lora = tmp / "lightx2v-test.safetensors"   # a random LoRA for the tiny DiT: the fast recipes appear
+    save_file(random_official_lora(TINY.dit, rank=4, seed=1), str(lora))
     t0 = time.monotonic()
     server = Server(["ui", "--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--port", str(port),
-                     "--data-dir", str(tmp / "data")], offline_env(tmp / "home"), tmp / "ui.log",
-                    f"http://127.0.0.1:{port}")
+                     "--data-dir", str(tmp / "data"), "--lora_dir", str(lora)], offline_env(tmp / "home"),
+                    tmp / "ui.log", f"http://127.0.0.1:{port}")
     server.wait()
     server.started_s = time.monotonic() - t0
     server.tmp = tmp
@@ -112,7 +119,10 @@ def test_page_generates_a_video_from_audio_and_text(page_server, tmp_path):
         page.locator("#mt-heard2 audio[src]").wait_for(state="attached", timeout=60_000)
         page.locator("#mt-prompt textarea").fill(demo["prompt"])
 
-        # small settings: preview bucket (the tiny preset's default), one 9-frame clip, 2 steps
+        # the fast recipe (the LoRA merged for this job) fills the sampling options ...
+        page.locator("#mt-recipe").get_by_text("Fast: lightx2v").click()
+        page.wait_for_function("() => document.querySelector('#mt-steps input').value === '4'")
+        # ... then small settings: preview bucket (the tiny preset's default), one 9-frame clip, 2 steps
         page.locator("#mt-mode input").click()
         page.get_by_role("option", name="One clip").click()
         page.locator("#mt-advanced").get_by_text("Advanced settings").click()
@@ -140,6 +150,7 @@ def test_page_generates_a_video_from_audio_and_text(page_server, tmp_path):
         timings["generation_s"] = time.monotonic() - t1
         print(f"\ngeneration: {timings['generation_s']:.1f} s, progress seen: {seen_progress}")
         assert status.get_attribute("data-status") == "succeeded", seen_progress
+        assert "LoRA lightx2v-test.safetensors" in status.inner_text()
 
         # the player: metadata loaded, a duration of 9 frames at 25 fps
         page.wait_for_function("() => { const v = document.querySelector('#mt-video video');"

@@ -123,18 +123,23 @@ def load_converted(
     component: str,
     dtype: torch.dtype = torch.float32,
     keep_fp32: Callable[[str], bool] = lambda name: False,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | Callable[[str], str | torch.device] = "cpu",
     ignore_target: Callable[[str], bool] = lambda name: False,
     strict: bool = True,
     dry_run: bool = False,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> LoadReport:
     """Stream converted tensors into ``model`` (built on ``meta``); return a :class:`LoadReport`.
 
     ``ignore_target(name)`` marks model tensors that the checkpoint need not provide (buffers the
     model computes itself). With ``strict`` any missing/unexpected/mismatched key raises a
     :class:`CheckpointError`; with ``dry_run`` nothing is assigned (used by ``weights check`` and the
-    full-size meta tests).
+    full-size meta tests). ``device`` may be a function of the model key (a memory plan loads the
+    blocks it streams into host memory and the rest onto the GPU); ``transform(key, tensor)``, when
+    given, replaces each tensor after its cast, before it is assigned (fp8 weight storage quantises
+    there, so no copy of the whole model in the compute dtype ever exists).
     """
+    device_of = device if callable(device) else (lambda name: device)
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     report = LoadReport(component)
     seen: set[str] = set()
@@ -160,10 +165,13 @@ def load_converted(
             if dry_run:
                 continue
             target_dtype = torch.float32 if keep_fp32(new_key) else dtype
+            target = device_of(new_key)
             if value.is_floating_point():
-                value = value.to(device=device, dtype=target_dtype, copy=False)
+                value = value.to(device=target, dtype=target_dtype, copy=False)
             else:
-                value = value.to(device=device)
+                value = value.to(device=target)
+            if transform is not None:
+                value = transform(new_key, value)
             _set_tensor(model, new_key, value.contiguous())
     report.missing = sorted(k for k in expected if k not in seen and not ignore_target(k))
     if strict and not dry_run and report.missing:

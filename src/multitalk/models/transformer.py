@@ -26,6 +26,7 @@ through :func:`convert_dit_key` (official key -> this model's key) with
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,7 +202,7 @@ class MultiTalkAudioAttnProcessor:
         query = attn.q_linear(hidden_states).unflatten(2, (heads, -1))          # [B, L, H, D]
         if q_positions is not None:
             query = speaker_routing.apply_rope_1d(query, q_positions)
-        kv = attn.kv_linear(audio_tokens.to(attn.kv_linear.weight.dtype))       # [T, N_a, 2*dim]
+        kv = attn.kv_linear(audio_tokens.to(hidden_states.dtype))               # [T, N_a, 2*dim]
         key, value = kv.unflatten(-1, (2, heads, -1)).unbind(2)                 # [T, N_a, H, D]
         if k_positions is not None:
             key = speaker_routing.apply_rope_1d(key, k_positions[None].expand(key.shape[0], -1))
@@ -334,6 +335,8 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
     # Not context-parallel: the audio attention groups tokens by latent frame and the speaker map
     # needs every query against the first frame's keys plus global min/max (not sharded here).
     _cp_plan = None
+    # ``before_block(i)`` / ``after_block(i)`` around each block call (``runtime.block_streaming``)
+    block_streamer = None
 
     @register_to_config
     def __init__(self, patch_size: tuple[int, ...] = (1, 2, 2), num_attention_heads: int = 40,
@@ -464,14 +467,23 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
                         audio=AudioContext(audio_tokens, speakers, grid, masks, debug), grid=grid, debug=debug)
 
     def run_blocks(self, state: DiTState) -> torch.Tensor:
-        """All transformer blocks on ``state.hidden_states``; returns the block output ``[B, L, dim]``."""
+        """All transformer blocks on ``state.hidden_states``; returns the block output ``[B, L, dim]``.
+
+        ``block_streamer`` (set by the runtime layer, ``runtime.block_streaming``; None: every block
+        resident) is told before and after each block call, outside the (compiled) block itself.
+        """
         hidden = state.hidden_states
-        for block in self.blocks:
+        streamer = self.block_streamer
+        for i, block in enumerate(self.blocks):
             args = (hidden, state.encoder_hidden_states, state.timestep_proj, state.rotary_emb, state.audio)
+            if streamer is not None:
+                streamer.before_block(i)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden = self._gradient_checkpointing_func(block, *args)
             else:
                 hidden = block(*args)
+            if streamer is not None:
+                streamer.after_block(i)
             if state.debug is not None:
                 state.debug.setdefault("blocks_out", []).append(hidden)
         return hidden
@@ -573,6 +585,33 @@ def convert_dit_key(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Ten
     return [(key, tensor)]
 
 
+_TOP_LEVEL_INV = {ours: official for official, ours in _TOP_LEVEL.items()}
+_BLOCK_INV = {ours: official for official, ours in _BLOCK.items()}
+_PARAMS_INV = {ours: official for official, ours in _PARAMS.items()}
+
+
+def official_dit_key(key: str) -> str:
+    """This model's key -> the official key (the inverse of :func:`convert_dit_key`).
+
+    Keys without an official counterpart are returned unchanged.
+    """
+    if key in _PARAMS_INV:
+        return _PARAMS_INV[key]
+    parts = key.split(".")
+    if parts[0] == "blocks" and len(parts) >= 3 and parts[1].isdigit():
+        prefix, rest = f"blocks.{parts[1]}", parts[2:]
+        if rest == ["scale_shift_table"]:
+            return f"{prefix}.modulation"
+        module, leaf = ".".join(rest[:-1]), rest[-1]
+        if module in _BLOCK_INV and leaf in ("weight", "bias"):
+            return f"{prefix}.{_BLOCK_INV[module]}.{leaf}"
+        return key
+    module, _, leaf = key.rpartition(".")
+    if module in _TOP_LEVEL_INV and leaf in ("weight", "bias"):
+        return f"{_TOP_LEVEL_INV[module]}.{leaf}"
+    return key
+
+
 def keep_fp32(name: str) -> bool:
     """Parameters kept in float32 when loading in bf16/fp16 (matches ``_keep_in_fp32_modules``)."""
     return any(p in name for p in MultiTalkTransformer3DModel._keep_in_fp32_modules)
@@ -593,13 +632,21 @@ def _resolve_arch(ckpt_dir, arch: Architecture | DiTConfig | str | None) -> DiTC
 
 def load_transformer(ckpt_dir: str | Path, multitalk_dir: str | Path | None = None,
                      arch: Architecture | DiTConfig | str | None = None, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> MultiTalkTransformer3DModel:
+                     dtype: torch.dtype = torch.float32, host_blocks: Iterable[int] = (),
+                     transform=None) -> MultiTalkTransformer3DModel:
     """Load the MultiTalk DiT from the official folders (see :func:`multitalk.models.layout.find_dit_files`).
 
     Built on ``meta`` and streamed tensor by tensor, cast to ``dtype`` (``keep_fp32`` ones float32)
-    on ``device``; the RoPE tables are then recomputed. Raises ``CheckpointError`` naming file, key
-    and expected shape on any mismatch, missing or unexpected tensor.
+    on ``device``, except the blocks in ``host_blocks``, which go to the CPU (the blocks a memory
+    plan streams); the RoPE tables are then recomputed. ``transform(key, tensor)`` may replace each
+    tensor as it is loaded (see ``load_converted``). Raises ``CheckpointError`` naming file, key and
+    expected shape on any mismatch, missing or unexpected tensor.
     """
+    on_host = {f"blocks.{i}." for i in host_blocks}
+
+    def device_of(name: str) -> str | torch.device:
+        return "cpu" if on_host and name[:name.find(".", 7) + 1] in on_host else device
+
     from multitalk.models.layout import find_dit_files, iter_dit_tensors
 
     dit_cfg = _resolve_arch(ckpt_dir, arch)
@@ -610,7 +657,7 @@ def load_transformer(ckpt_dir: str | Path, multitalk_dir: str | Path | None = No
         return torch.float32 if keep_fp32(convert_dit_key(official_key, None)[0][0]) else dtype
 
     load_converted(model, iter_dit_tensors(files, dtype_for), convert_dit_key, component="transformer", dtype=dtype,
-                   keep_fp32=keep_fp32, device=device)
+                   keep_fp32=keep_fp32, device=device_of, transform=transform)
     model.rope.reset_tables(device)
     return model.eval().requires_grad_(False)
 
@@ -623,6 +670,6 @@ def check_transformer_keys(dit_cfg: DiTConfig, items) -> LoadReport:
 
 __all__ = [
     "AudioContext", "DiTState", "MultiTalkTransformer3DModel", "MultiTalkTransformerBlock", "build_transformer_on_meta",
-    "check_transformer_keys", "convert_dit_key", "keep_fp32", "load_transformer", "self_attention_processors",
-    "sinusoidal_embedding",
+    "check_transformer_keys", "convert_dit_key", "keep_fp32", "load_transformer", "official_dit_key",
+    "self_attention_processors", "sinusoidal_embedding",
 ]

@@ -7,6 +7,9 @@ Per sampling step the DiT runs once per *branch*:
   ``pred = uncond + s_text*(cond - drop_text) + s_audio*(drop_text - uncond)``.
 * 2 branches (``text_guide_scale == 1``): ``cond`` and ``drop_audio`` (prompt, zero audio);
   ``pred = drop_audio + s_audio*(cond - drop_audio)``.
+* 1 branch (both scales 1): ``cond`` only;
+  ``pred = cond``. The official code still runs ``drop_audio`` and computes
+  ``drop_audio + 1*(cond - drop_audio)``, the same prediction up to rounding.
 
 With APG (https://arxiv.org/abs/2410.02416) each guidance difference goes through a momentum
 buffer, is clipped to ``norm_threshold`` and projected orthogonally to ``cond``;
@@ -24,6 +27,7 @@ import torch
 
 THREE_BRANCHES = ("cond", "drop_text", "uncond")
 TWO_BRANCHES = ("cond", "drop_audio")
+ONE_BRANCH = ("cond",)
 
 
 class MomentumBuffer:
@@ -71,16 +75,30 @@ def uses_text_branch(text_guide_scale: float) -> bool:
     return not math.isclose(text_guide_scale, 1.0)
 
 
+def uses_audio_branch(text_guide_scale: float, audio_guide_scale: float) -> bool:
+    """False when both scales are 1: guidance is the identity and one ``cond`` pass is enough."""
+    return uses_text_branch(text_guide_scale) or not math.isclose(audio_guide_scale, 1.0)
+
+
+def branch_names(text_guide_scale: float, audio_guide_scale: float) -> tuple[str, ...]:
+    """The DiT passes of one sampling step, in call order."""
+    if uses_text_branch(text_guide_scale):
+        return THREE_BRANCHES
+    return TWO_BRANCHES if uses_audio_branch(text_guide_scale, audio_guide_scale) else ONE_BRANCH
+
+
 def cfg_combine(preds: Sequence[torch.Tensor], text_guide_scale: float,
                 audio_guide_scale: float) -> torch.Tensor:
-    """Vanilla CFG of the 3 (or 2, text scale 1) branch predictions, in the official order."""
+    """Vanilla CFG of the 3 (2 with text scale 1; 1 with both scales 1) branch predictions, in the official order."""
     if len(preds) == 3:
         cond, drop_text, uncond = preds
         return uncond + text_guide_scale * (cond - drop_text) + audio_guide_scale * (drop_text - uncond)
     if len(preds) == 2:
         cond, drop_audio = preds
         return drop_audio + audio_guide_scale * (cond - drop_audio)
-    raise ValueError(f"expected 2 or 3 branch predictions, got {len(preds)}")
+    if len(preds) == 1:
+        return preds[0]
+    raise ValueError(f"expected 1, 2 or 3 branch predictions, got {len(preds)}")
 
 
 class GuidanceState:
@@ -96,7 +114,7 @@ class GuidanceState:
         self.audio_scale = float(params.audio_guide_scale)
         self.use_apg = bool(params.use_apg)
         self.norm_threshold = float(params.apg_norm_threshold)
-        self.names = THREE_BRANCHES if uses_text_branch(self.text_scale) else TWO_BRANCHES
+        self.names = branch_names(self.text_scale, self.audio_scale)
         self.text_buffer = MomentumBuffer(params.apg_momentum)
         self.audio_buffer = MomentumBuffer(params.apg_momentum)
         self.diff_norms: list[torch.Tensor] = []  # APG: ||buffered diff|| per call (the official print)
@@ -109,7 +127,9 @@ class GuidanceState:
         """``(text context, audio)`` per DiT call of a step, in the official call order."""
         if self.num_branches == 3:
             return [(context, audio), (context_null, audio), (context_null, zero_audio)]
-        return [(context, audio), (context, zero_audio)]
+        if self.num_branches == 2:
+            return [(context, audio), (context, zero_audio)]
+        return [(context, audio)]
 
     def combine(self, preds: Sequence[torch.Tensor]) -> torch.Tensor:
         """The guided noise prediction (the velocity the Euler step subtracts)."""
@@ -118,6 +138,8 @@ class GuidanceState:
         if not self.use_apg:
             return cfg_combine(preds, self.text_scale, self.audio_scale)
         cond = preds[0]
+        if self.num_branches == 1:  # both scales 1: (scale - 1) * apg(...) is zero
+            return cond
         if self.num_branches == 2:
             return cond + (self.audio_scale - 1) * self._apg(cond - preds[1], cond, self.audio_buffer)
         drop_text, uncond = preds[1], preds[2]

@@ -33,6 +33,18 @@ PERSONS = ("person1", "person2")
 SIZES = ("multitalk-480", "multitalk-720", "preview")
 DEFAULT_SHIFT = {"multitalk-480": 7.0, "multitalk-720": 11.0, "preview": 7.0}
 
+# Few-step recipes for the step-distillation LoRAs (what the official code, the ComfyUI wrapper,
+# Wan2GP and LightX2V run them with): defaults for the options below; given options still win.
+RECIPES = {
+    "lightx2v": {"sample_steps": 4, "sample_shift": 2.0, "text_guide_scale": 1.0, "audio_guide_scale": 2.0},
+    "fusionx": {"sample_steps": 8, "sample_shift": 2.0, "text_guide_scale": 1.0, "audio_guide_scale": 2.0},
+}
+# every name a recipe field may be given under (an explicit value under any of them wins)
+_RECIPE_ALIASES = {"sample_steps": ("sample_steps",), "sample_shift": ("sample_shift",),
+                   "text_guide_scale": ("text_guide_scale", "sample_text_guide_scale"),
+                   "audio_guide_scale": ("audio_guide_scale", "sample_audio_guide_scale")}
+MAX_LORAS = 8
+
 # How to fix a bad value, per field (shown after the message).
 _FIXES = {
     "frame_num": "e.g. 81 (3.2 s per clip), 49 or 33",
@@ -269,8 +281,21 @@ def load_input_json(path: str | os.PathLike) -> tuple[InputSpec, list[str]]:
 # generation options
 
 
+class LoraRef(BaseModel):
+    """One LoRA file and its strength: a path (CLI) or a storage URI the service accepts."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(min_length=1, max_length=4096)
+    scale: float = Field(1.0, allow_inf_nan=False)
+
+
 class GenerationParams(BaseModel):
-    """Every generation option, with the official CLI names, meanings and defaults."""
+    """Every generation option, with the official CLI names, meanings and defaults.
+
+    ``recipe`` (``lightx2v`` / ``fusionx``) sets the few-step defaults of :data:`RECIPES` for the
+    options not given explicitly. ``loras`` are merged into the DiT by the engine before sampling
+    (the service switches its loaded engine to them; the CLI gives them to ``Engine.load``).
+    """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -298,7 +323,20 @@ class GenerationParams(BaseModel):
     face_scale: float = Field(0.05, ge=0, lt=0.5)  # margin of the default two-speaker boxes
     offload_model: bool = False    # keep only the running model on the GPU
     official_trim: bool = False    # reproduce the official final cut (see pipeline/clips.py)
+    recipe: Literal["lightx2v", "fusionx"] | None = None  # few-step defaults (RECIPES)
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)  # merged in this order
     _seed_drawn: bool = PrivateAttr(False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("recipe") not in RECIPES:
+            return data  # no recipe, or an unknown one (reported by the field's validation)
+        data = dict(data)
+        for name, value in RECIPES[data["recipe"]].items():
+            if all(data.get(alias) is None for alias in _RECIPE_ALIASES[name]):
+                data[name] = value
+        return data
 
     @field_validator("frame_num")
     @classmethod

@@ -16,8 +16,9 @@ from multitalk.errors import UserInputError
 from multitalk.media.video import BackgroundWriter, Mp4Writer
 from multitalk.pipeline.engine import Engine
 from multitalk.pipeline.generate import (FPS, SAMPLE_RATE, GenerationResult, Media, Progress, generate,
-                                         prepare_conditions)
+                                         prepare_conditions, prepare_media)
 from multitalk.pipeline.inputs import GenerationParams, InputSpec
+from multitalk.pipeline.memory import out_of_memory_as_plan_error, workload_of
 
 
 def check_output_path(out: Path, field: str = "out") -> Path:
@@ -45,6 +46,13 @@ def render(engine: Engine, spec: InputSpec, params: GenerationParams, out: Path,
         check_output_path(save_tensor.with_suffix(".mp4"), field="save_tensor")
     if progress:
         progress(Progress("conditioning"))
+    media = media or prepare_media(spec, params)
+    engine.fit(workload_of(media, params))       # before any model runs: a clear error if it cannot fit
+    with out_of_memory_as_plan_error(engine):
+        return _render(engine, spec, params, out, media, save_tensor, progress, should_cancel)
+
+
+def _render(engine, spec, params, out, media, save_tensor, progress, should_cancel) -> GenerationResult:
     cond = prepare_conditions(engine, spec, params, media)
     kept: list[torch.Tensor] = []
     # the encoder runs on its own thread: it works on a clip's first frames while the GPU decodes

@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Callable, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
@@ -78,9 +79,13 @@ Caller = Annotated[Principal, Depends(authorize)]
 
 
 def create_app(config: ServiceConfig, *, store: JobStore | None = None,
-               storage: Storage | None = None, ready: Callable[[], bool] | None = None
-               ) -> FastAPI:
-    """The FastAPI app. ``ready`` reports whether models are loaded (None: always ready)."""
+               storage: Storage | None = None, ready: Callable[[], bool] | None = None,
+               check_lora: Callable[[str, Path], None] | None = None) -> FastAPI:
+    """The FastAPI app. ``ready`` reports whether models are loaded (None: always ready).
+
+    ``check_lora(field, path)`` checks a LoRA file already on the server (upload or local path)
+    against the model at submission (a bad one is a 422); remote ones are checked by the worker.
+    """
     store = store or open_store(config.db_url, max_attempts=config.max_attempts)
     storage = storage or Storage(config)
     prom.multiprocess_dir(config.metrics_path)
@@ -147,7 +152,7 @@ def create_app(config: ServiceConfig, *, store: JobStore | None = None,
                                  "operator to set MULTITALK_WEBHOOK_SECRET")
         # a plain def: FastAPI runs it in the thread pool, so the storage probe (bounded), DNS
         # and the store never block the event loop
-        _check_request(body, storage, config, lambda field, uri: check_upload(field, uri, caller))
+        _check_request(body, storage, config, lambda field, uri: check_upload(field, uri, caller), check_lora)
         payload = body.model_dump(mode="json")
         digest = hashlib.sha256(json.dumps(body.identity(payload), sort_keys=True).encode()
                                 ).hexdigest()
@@ -224,7 +229,8 @@ def create_app(config: ServiceConfig, *, store: JobStore | None = None,
 
 
 def _check_request(body: JobRequest, storage: Storage, config: ServiceConfig,
-                   check_owner: Callable[[str, str], None]) -> None:
+                   check_owner: Callable[[str, str], None],
+                   check_lora: Callable[[str, Path], None] | None = None) -> None:
     """Every check of a submission that needs no GPU: canonical URIs (stored that way), the
     caller's ownership of uploads (``check_owner(field, canonical uri)``), scope, existence,
     public addresses, bounds. Mutates ``body`` to its canonical form; all problems are answered
@@ -259,6 +265,11 @@ def _check_request(body: JobRequest, storage: Storage, config: ServiceConfig,
                        if f.startswith("cond_audio.")}
         if all(local_audio.values()):
             check(check_audio, local_audio, body.audio_type, config)
+        if check_lora is not None:          # LoRA files on the server: keys and shapes vs the model
+            for field, uri in body.lora_files().items():
+                local = storage.local_input(field, uri)
+                if local is not None:
+                    check(check_lora, field, local)
     if errors:
         raise problems.InputProblems(errors)
 

@@ -76,7 +76,8 @@ class Service:
             self.worker = Worker(self.store, self.storage, runner, config, metrics=self.metrics,
                                  on_finished=lambda _id: self.background.dispatcher.notify())
         ready = self.worker.ready.is_set if self.worker is not None else None
-        self.app = create_app(config, store=self.store, storage=self.storage, ready=ready)
+        check_lora = getattr(self.worker.runner, "check_lora", None) if self.worker is not None else None
+        self.app = create_app(config, store=self.store, storage=self.storage, ready=ready, check_lora=check_lora)
         log.info("job store: %s", self.store.describe())
         self.background.start()
 

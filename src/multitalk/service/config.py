@@ -49,6 +49,7 @@ class ServiceConfig(BaseSettings):
     allow_private_urls: bool = False          # permit loopback/private/link-local URLs (tests only)
     max_upload_bytes: int = Field(200 * 1024 * 1024, ge=0)
     max_download_bytes: int = Field(500 * 1024 * 1024, ge=0)
+    max_lora_bytes: int = Field(4 * 1024 * 1024 * 1024, ge=0)  # a LoRA file (rank-128 14B ones: ~1.2 GB)
     download_timeout_s: float = Field(60.0, gt=0)
     s3_endpoint_url: str | None = Field(None, validation_alias=AliasChoices(
         "s3_endpoint_url", f"{ENV_PREFIX}S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",

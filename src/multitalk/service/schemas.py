@@ -94,8 +94,8 @@ class JobRequest(_Strict):
         return self
 
     def media(self) -> dict[str, str]:
-        """Field path -> URI of every input medium."""
-        out = {"cond_image": self.cond_image}
+        """Field path -> URI of every input file (media and LoRAs)."""
+        out = {"cond_image": self.cond_image, **self.lora_files()}
         if self.cond_audio is None:
             return out
         out["cond_audio.person1"] = self.cond_audio.person1
@@ -103,11 +103,17 @@ class JobRequest(_Strict):
             out["cond_audio.person2"] = self.cond_audio.person2
         return out
 
+    def lora_files(self) -> dict[str, str]:
+        """Field path -> URI of every LoRA file (``params.loras.N.uri``)."""
+        return {f"params.loras.{i}.uri": lora.uri for i, lora in enumerate(self.params.loras)}
+
     def set_media(self, uris: dict[str, str]) -> None:
         """Replace input URIs (field path -> URI, as :meth:`media` names them)."""
         for field, uri in uris.items():
             if field == "cond_image":
                 self.cond_image = uri
+            elif field.startswith("params.loras."):
+                self.params.loras[int(field.split(".")[2])].uri = uri
             else:
                 setattr(self.cond_audio, field.split(".", 1)[1], uri)
 

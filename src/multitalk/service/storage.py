@@ -281,11 +281,12 @@ class Storage:
                             "attempt %d failed (%s); retrying", rs.attempt_number,
                             rs.outcome.exception()))
 
-    def fetch(self, field: str, uri: str, dest_dir: Path) -> Path:
-        """Copy an input to ``dest_dir`` (streamed, size-limited) and return the local path."""
+    def fetch(self, field: str, uri: str, dest_dir: Path, limit: int | None = None) -> Path:
+        """Copy an input to ``dest_dir`` (streamed, at most ``limit`` bytes, default
+        ``max_download_bytes``) and return the local path (uploads and local files: their own)."""
         dest_dir.mkdir(parents=True, exist_ok=True)
         loc = self.locate(field, uri)
-        limit = self.config.max_download_bytes
+        limit = self.config.max_download_bytes if limit is None else limit
         if loc.kind in ("upload", "output"):
             if loc.kind == "output" or not loc.path.is_file():
                 raise not_readable(field, loc.uri)
@@ -301,7 +302,7 @@ class Storage:
                     if loc.kind == "s3":
                         self._read_s3(field, loc, dest, limit)
                     else:
-                        self._download(field, loc.uri, dest)
+                        self._download(field, loc.uri, dest, limit)
         except TooLarge:
             dest.unlink(missing_ok=True)
             raise UserInputError(field, f"{loc.uri} is larger than {limit} bytes",
@@ -329,8 +330,9 @@ class Storage:
         with fs.open(path, "rb") as src, open(dest, "wb") as out:
             _copy_limited(src, out, limit)
 
-    def _download(self, field: str, url: str, dest: Path) -> None:
+    def _download(self, field: str, url: str, dest: Path, limit: int | None = None) -> None:
         cfg = self.config
+        limit = cfg.max_download_bytes if limit is None else limit
         timeout = httpx.Timeout(cfg.download_timeout_s, connect=min(10.0, cfg.download_timeout_s))
         deadline = time.monotonic() + cfg.download_timeout_s
         with stream("GET", url, field=field, allow_private=cfg.allow_private_urls,
@@ -339,18 +341,43 @@ class Storage:
                 raise UserInputError(field, f"{url} answered {r.status_code}", "check the URL")
             r.raise_for_status()
             length = int(r.headers.get("content-length") or 0)
-            if length > cfg.max_download_bytes:
+            if length > limit:
                 raise TooLarge()
             with open(dest, "wb") as out:
                 n = 0
                 for chunk in r.iter_bytes(_CHUNK):
                     n += len(chunk)
-                    if n > cfg.max_download_bytes:
+                    if n > limit:
                         raise TooLarge()
                     if time.monotonic() > deadline:
                         raise StorageError(f"download of {url} exceeded "
                                            f"{cfg.download_timeout_s}s")
                     out.write(chunk)
+
+    def version(self, field: str, uri: str) -> str | None:
+        """A cheap identity of a remote input's current content (S3 ETag + size; an http(s) HEAD's
+        ETag or Last-Modified + length), or None when there is none (then only a download tells)."""
+        loc = self.locate(field, uri)
+        try:
+            if loc.kind == "s3":
+                if not self.s3_in_scope(loc.bucket, loc.key):
+                    raise not_readable(field, loc.uri)
+                info = self.s3().info(f"{loc.bucket}/{loc.key}")
+                etag = info.get("ETag") or info.get("etag")
+                return f"s3:{etag}:{info.get('size')}" if etag else None
+            if loc.kind == "http":
+                cfg = self.config
+                with stream("HEAD", loc.uri, field=field, allow_private=cfg.allow_private_urls,
+                            timeout=min(10.0, cfg.download_timeout_s), max_redirects=_MAX_REDIRECTS) as r:
+                    tag = r.headers.get("etag") or r.headers.get("last-modified")
+                    if r.status_code != 200 or not tag:
+                        return None
+                    return f"http:{tag}:{r.headers.get('content-length')}"
+        except UserInputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unknown: the caller downloads
+            log.info("cannot read the version of %s (%s); downloading it", uri, e)
+        return None
 
     # -- outputs -----------------------------------------------------------------------------
     def output_uri(self, prefix: str | None, name: str) -> str:

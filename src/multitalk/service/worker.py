@@ -3,7 +3,7 @@
 One :class:`Worker` runs one job at a time. While a job runs, a heartbeat thread renews the lease;
 ``should_cancel`` (checked by the runner every step) is true once cancellation was requested
 through the store or the lease was lost. Failures become job errors with a code:
-``bad_input`` (UserInputError), ``out_of_memory`` (torch.OutOfMemoryError), ``storage_error``
+``bad_input`` (UserInputError), ``out_of_memory`` (torch.OutOfMemoryError, MemoryPlanError), ``storage_error``
 (inputs unreadable or output upload failed after retries; the local output is kept),
 ``timeout`` (the attempt ran past ``job_deadline_s``: the runner stops at its next step through
 ``should_cancel``, like a cancel), ``internal_error`` (anything else). The worker itself keeps
@@ -32,10 +32,11 @@ from typing import Callable
 
 import tenacity
 
-from multitalk.errors import UserInputError
+from multitalk.errors import MemoryPlanError, UserInputError
 
 from .bounds import check_audio
 from .config import ServiceConfig
+from .lora_cache import LoraCache
 from .metrics import Metrics, process_metrics
 from .runner import JobCancelled, Runner
 from .storage import Storage, StorageError
@@ -84,6 +85,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.ready = threading.Event()
         self.load_error: str | None = None
+        self.lora_cache = LoraCache(storage, Path(config.data_dir) / "loras", config.max_lora_bytes)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -206,6 +208,15 @@ class Worker:
         # tts_audio jobs have no speech files yet (the runner speaks them; text <= 5000 characters)
         check_audio({f"cond_audio.{p}": Path(v) for p, v in (req.get("cond_audio") or {}).items() if v},
                     req.get("audio_type"), self.config)
+        params = req.get("params")
+        if isinstance(params, dict) and params.get("loras"):
+            loras, hashes = [], []
+            for i, item in enumerate(params["loras"]):
+                path, digest = self.lora_cache.get(f"params.loras.{i}.uri", item["uri"])
+                loras.append({**item, "uri": str(path)})
+                hashes.append(digest)
+            req["params"] = {**params, "loras": loras}
+            req["lora_sha256"] = hashes   # the runner need not hash the files again
         return req
 
     def _store_output(self, job: dict, out: dict) -> dict:
@@ -223,6 +234,9 @@ class Worker:
                 "height": int(out["height"]), "seed": int(out["seed"])}
 
     def _error(self, job_id: str, e: Exception) -> dict:
+        if isinstance(e, MemoryPlanError):  # the memory plan cannot fit the job, or it ran out mid-run
+            log.error("job %s: out of memory: %s", job_id, e)
+            return {"code": "out_of_memory", "message": str(e)[:1000], "hint": f"try {e.fix}"}
         if _is_oom(e):
             log.error("job %s: out of memory: %s", job_id, e)
             return {"code": "out_of_memory", "message": str(e).splitlines()[0][:500],

@@ -83,7 +83,9 @@ def job_view(doc: dict) -> JobView:
                    clip=frac("clip"), step=frac("step"), eta_s=doc.get("eta_s"), started_at=doc.get("started_at"),
                    finished_at=doc.get("finished_at"), error=error, frames=result.get("frames"),
                    duration_s=result.get("duration_s"), width=result.get("width"), height=result.get("height"),
-                   seed=result.get("seed"), speakers=speakers)
+                   seed=result.get("seed"), speakers=speakers,
+                   extra={"loras": [Path(str(lora.get("uri", ""))).name
+                                    for lora in (request.get("params") or {}).get("loras") or []]})
 
 
 class ApiJobs:

@@ -103,7 +103,8 @@ class LocalJobs:
         media = prepare_media(spec, params)
         job = JobView(id=uuid.uuid4().hex[:12], status="queued", created_at=time.time(), prompt=spec.prompt,
                       speakers=spec.num_speakers,
-                      extra={"request": {"spec": spec.model_dump(mode="json"),
+                      extra={"loras": [Path(lora.uri).name for lora in params.loras],
+                             "request": {"spec": spec.model_dump(mode="json"),
                                          "params": params.model_dump(mode="json")}})
         with self._lock:
             self._jobs[job.id] = job
@@ -180,6 +181,12 @@ class LocalJobs:
                          step=[p.step, p.num_steps] if p.num_steps else None)
 
         try:
+            # the job's LoRAs (a fast recipe) or none: the engine reloads its DiT only when the set
+            # changes, so a quality job never runs with a LoRA merged by the job before it
+            from multitalk.models.lora import LoraSpec
+
+            self._update(job_id, stage="loras" if params.loras else "conditioning")
+            self.engine.use_loras(tuple(LoraSpec(Path(lora.uri), lora.scale) for lora in params.loras))
             result = render(self.engine, spec, params, out, media=media, progress=progress,
                             should_cancel=lambda: job_id in self._cancel)
             job = self._update(job_id, status="succeeded", stage="done", progress=1.0, eta_s=0.0,

@@ -59,6 +59,18 @@ def available_recipes(lora_recipes: dict[str, Recipe] | None = None) -> list[Rec
     return [QUALITY, *(lora_recipes or {}).values()]
 
 
+def lora_recipes(loras: list[dict] | None) -> dict[str, Recipe]:
+    """The pipeline's few-step recipes (``pipeline.inputs.RECIPES``), offered when LoRA files are
+    configured (``loras``: ``[{"uri", "scale"}]``, merged for the jobs that pick one of them)."""
+    if not loras:
+        return {}
+    from multitalk.pipeline import inputs
+
+    names = ", ".join(Path(lora["uri"]).name for lora in loras)
+    return {name: Recipe(name, f"Fast: {name}, {p['sample_steps']} steps (LoRA {names})", dict(p), lora=names)
+            for name, p in getattr(inputs, "RECIPES", {}).items()}
+
+
 @dataclass
 class PageDefaults:
     """The options the page starts with (``page_defaults`` picks them per preset)."""
@@ -152,6 +164,8 @@ def progress_html(job) -> str:
         took = (job.finished_at or 0) - (job.started_at or job.created_at)
         parts.append(f"Done in {took:.0f} s: {job.frames} frames ({job.duration_s:.2f} s), "
                      f"{job.width}x{job.height}, seed {job.seed}")
+        if job.extra.get("loras"):
+            parts.append(f"LoRA {', '.join(job.extra['loras'])}")
     elif job.status == "cancelled":
         parts.append("Cancelled")
     else:
@@ -221,8 +235,9 @@ CSS = """
 
 
 def build_app(backend, *, synthesizer, work_dir: str | Path, defaults: PageDefaults | None = None,
-              recipes: list[Recipe] | None = None, voices: list[str] | None = None):
-    """The Gradio Blocks of the page; ``backend`` is a LocalJobs or an ApiJobs."""
+              recipes: list[Recipe] | None = None, voices: list[str] | None = None, loras: list[dict] | None = None):
+    """The Gradio Blocks of the page; ``backend`` is a LocalJobs or an ApiJobs; ``loras`` the LoRA
+    files (``[{"uri", "scale"}]``) a fast recipe merges."""
     import gradio as gr
 
     from multitalk.ui.box_editor import make_box_editor
@@ -407,6 +422,7 @@ def build_app(backend, *, synthesizer, work_dir: str | Path, defaults: PageDefau
                       "n_prompt": nprompt or ""}
             if recipe_label in recipe_by_label and recipe_by_label[recipe_label].lora:
                 params["recipe"] = recipe_by_label[recipe_label].key
+                params["loras"] = [dict(lora) for lora in loras or []]
             speech_dir = work_dir / "speech" / uuid.uuid4().hex[:10]
             yield {errors: error_html(None), notes: "", progress: progress_html(None), video: None, download: None}
             try:
@@ -480,7 +496,7 @@ def serve_page(app, host: str, port: int, *, auth: tuple[str, str] | None = None
                       css=CSS, max_file_size="500mb")
 
 
-__all__ = ["PageDefaults", "Recipe", "available_recipes", "build_app", "build_inputs", "history_rows",
+__all__ = ["PageDefaults", "Recipe", "available_recipes", "lora_recipes", "build_app", "build_inputs", "history_rows",
            "page_defaults", "progress_html", "serve_page"]
 
 
@@ -496,8 +512,10 @@ def is_loopback(host: str) -> bool:
 
 
 def create_page(*, data_dir: str | Path, api: str | None = None, token: str | None = None,
-                engine_config=None, tts_dir: str | Path | None = None, preset: str | None = None):
-    """``(app, backend)``: the page over the local engine (``engine_config``) or a service (``api``)."""
+                engine_config=None, tts_dir: str | Path | None = None, preset: str | None = None,
+                loras: list[dict] | None = None):
+    """``(app, backend)``: the page over the local engine (``engine_config``) or a service (``api``).
+    ``loras`` (``[{"uri", "scale"}]``: local files, or URIs the service reads) enable the fast recipes."""
     from multitalk.pipeline.speech_from_text import SpeechSynthesizer
 
     data_dir = Path(data_dir)
@@ -515,7 +533,7 @@ def create_page(*, data_dir: str | Path, api: str | None = None, token: str | No
         voices = sorted(p.stem for p in (Path(tts_dir) / "voices").glob("*.pt")) + voices
     synthesizer = SpeechSynthesizer(tts_dir)
     app = build_app(backend, synthesizer=synthesizer, work_dir=data_dir / "page", defaults=page_defaults(preset),
-                    voices=voices)
+                    voices=voices, recipes=available_recipes(lora_recipes(loras)), loras=loras)
     return app, backend
 
 
