@@ -120,12 +120,13 @@ def test_page_generates_a_video_from_audio_and_text(page_server, tmp_path):
         page.locator("#mt-prompt textarea").fill(demo["prompt"])
 
         # the fast recipe (the LoRA merged for this job) fills the sampling options ...
+        page.locator("#mt-advanced").get_by_text("Advanced settings").click()
+        page.locator("#mt-steps input").wait_for()
         page.locator("#mt-recipe").get_by_text("Fast: lightx2v").click()
         page.wait_for_function("() => document.querySelector('#mt-steps input').value === '4'")
         # ... then small settings: preview bucket (the tiny preset's default), one 9-frame clip, 2 steps
         page.locator("#mt-mode input").click()
         page.get_by_role("option", name="One clip").click()
-        page.locator("#mt-advanced").get_by_text("Advanced settings").click()
         for elem, value in (("#mt-steps", "2"), ("#mt-frame-num", "9")):
             page.locator(f"{elem} input").fill(value)
             page.locator(f"{elem} input").press("Tab")
