@@ -252,3 +252,11 @@ def test_debug_shows_the_traceback_in_a_real_process(media, tmp_path):
     assert plain.stderr.strip().splitlines()[-1].startswith("error: cond_audio.person1:")
     debug = subprocess.run([*args, "--debug"], capture_output=True, text=True, timeout=300)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserInputError" in debug.stderr
+
+
+def test_messages_keep_their_brackets(media, tmp_path):
+    # rich markup must not swallow "[row_min, col_min, row_max, col_max]" from the fix
+    result = _run([_json(media, tmp_path, bbox={"person1": [28, 25, 547, 486], "person2": [28, 537, 547, 5000]})],
+                  tmp_path)
+    line = _assert_clear_error(result, "bbox", "lies outside")
+    assert line.endswith("(the order is [row_min, col_min, row_max, col_max] in source-image pixels)"), line

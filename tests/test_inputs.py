@@ -25,11 +25,19 @@ def test_official_examples_load(examples):
     assert para.audio_type == "para"
 
 
-def test_tts_example_is_refused_clearly(examples):
+def test_tts_examples_load_as_speech_from_text(examples):
+    spec, warnings = load_input_json(examples / "multitalk_example_tts_1.json")
+    assert warnings == [] and spec.uses_tts and spec.cond_audio is None
+    assert spec.num_speakers == 2 and spec.audio_type == "para"
+    assert [(t.speaker, t.text) for t in spec.tts_audio.turns] == [
+        (1, "do you know multi-talk?"), (2, "yes, I know it, that's amazing!"), (1, "Me too.")]
+    # Kokoro voice files that do not exist stay as given (looked up in --tts_dir later)
+    assert spec.tts_audio.human2_voice == "weights/Kokoro-82M/voices/am_adam.pt"
+    single, _ = load_input_json(examples / "single_example_tts_1.json")
+    assert single.num_speakers == 1 and single.tts_audio.voices == ["weights/Kokoro-82M/voices/af_heart.pt"]
     with pytest.raises(UserInputError) as e:
-        load_input_json(examples / "multitalk_example_tts_1.json")
-    assert e.value.field == "tts_audio" and "TTS not supported" in str(e.value)
-    assert "cond_audio" in e.value.fix
+        single.speaker_paths()
+    assert e.value.field == "cond_audio"
 
 
 def _write(tmp_path, data, media=("img.png", "a.wav", "b.wav")):

@@ -161,6 +161,12 @@ def generate(
     audio2: Optional[Path] = _opt(None, "--audio2", help="Speech of person 2 (two-person video)."),
     prompt: Optional[str] = _opt(None, "--prompt", help="Text prompt (instead of a JSON)."),
     audio_type: str = _opt("add", "--audio_type", "--audio-type", help="Two speakers: add (one after the other) or para (together)."),
+    text: Optional[str] = _opt(None, "--text", help="Speech from text instead of --audio: '(s1) hello (s2) hi there' (tags for two speakers)."),
+    voice1: Optional[str] = _opt(None, "--human1_voice", "--human1-voice", "--voice1", help="Voice of person 1 for --text: espeak-ng name (en-us, en-gb+f3) or Kokoro voice (af_heart, .../voices/af_heart.pt)."),
+    voice2: Optional[str] = _opt(None, "--human2_voice", "--human2-voice", "--voice2", help="Voice of person 2 for --text (default en-us+f3 when the text has (s2) lines)."),
+    audio_mode: Optional[str] = _opt(None, "--audio_mode", "--audio-mode", help="localfile (cond_audio files) or tts (speak tts_audio); default: tts when the JSON has tts_audio and no cond_audio."),
+    tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder, for Kokoro voices (default: espeak-ng, offline)."),
+    audio_save_dir: Optional[Path] = _opt(None, "--audio_save_dir", "--audio-save-dir", help="Where synthesised speech is written (default: <out>_speech/ next to the video)."),
     out_path: Optional[Path] = _opt(None, "--out", "-o", help="Output mp4 (default outputs/<input name>.mp4)."),
     save_file: Optional[str] = _opt(None, "--save_file", "--save-file", help="Official spelling: output name; .mp4 is appended if missing."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
@@ -216,19 +222,38 @@ def generate(
 
         _check_attention(attention)
         json_path = input_json or input_json_opt
+        if audio_mode not in (None, "localfile", "tts"):
+            raise UserInputError("audio_mode", f"unknown audio mode {audio_mode!r}",
+                                 "use localfile (cond_audio files) or tts (speech from tts_audio / --text)")
         if json_path is not None:
             spec, warnings = load_input_json(json_path)
             for w in warnings:
                 _say(err, w, "warning:", "yellow")
+            if audio_mode == "tts":
+                if spec.tts_audio is None:
+                    raise UserInputError("tts_audio", "missing (--audio_mode tts)",
+                                         "add tts_audio {text, human1_voice[, human2_voice]} to the JSON")
+                spec = spec.model_copy(update={"cond_audio": None})
+            elif audio_mode == "localfile" and spec.cond_audio is None:
+                raise UserInputError("cond_audio", "missing (--audio_mode localfile)",
+                                     "give cond_audio files, or use --audio_mode tts to speak tts_audio")
         else:
-            if image is None or audio is None:
+            if image is None or (audio is None and text is None):
                 raise UserInputError("input_json", "no input given",
-                                     "pass INPUT_JSON, or --image and --audio [--audio2] [--prompt]")
-            cond_audio = {"person1": str(audio)}
-            if audio2 is not None:
-                cond_audio["person2"] = str(audio2)
-            spec = InputSpec.from_dict({"prompt": prompt or "", "cond_image": str(image),
-                                        "cond_audio": cond_audio, "audio_type": audio_type})
+                                     "pass INPUT_JSON, or --image and --audio [--audio2] (or --text) [--prompt]")
+            if text is not None and (audio is not None or audio2 is not None):
+                raise UserInputError("text", "given together with --audio", "give either audio files or --text")
+            data = {"prompt": prompt or "", "cond_image": str(image), "audio_type": audio_type}
+            if text is not None:
+                tts = {"text": text, "human2_voice": voice2}
+                if voice1 is not None:
+                    tts["human1_voice"] = voice1
+                data["tts_audio"] = tts
+            else:
+                data["cond_audio"] = {"person1": str(audio)}
+                if audio2 is not None:
+                    data["cond_audio"]["person2"] = str(audio2)
+            spec = InputSpec.from_dict(data)
         options = dict(sample_steps=sample_steps, sample_shift=sample_shift, text_guide_scale=text_scale,
                        audio_guide_scale=audio_scale)
         if recipe is not None:  # the recipe's values for what the command line left at its defaults
@@ -266,6 +291,15 @@ def generate(
         target = check_output_path(target, field=field, stem=stem)
         if save_tensor is not None:
             check_output_path(save_tensor, field="save_tensor", suffix=None)
+        if spec.uses_tts:
+            from multitalk.pipeline.speech_from_text import SpeechSynthesizer, speak_inputs
+
+            speech_dir = audio_save_dir or target.with_name(f"{target.stem}_speech")
+            with err.status("synthesising speech ..."):
+                spec, notes = speak_inputs(spec, speech_dir, SpeechSynthesizer(tts_dir))
+            for w in notes:
+                _say(err, w, "warning:", "yellow")
+            _say(err, f"speech synthesised into {speech_dir}")
         media = prepare_media(spec, params)  # every input problem surfaces before models load
         from multitalk.pipeline.memory import workload_of
 
@@ -313,7 +347,8 @@ def demo(
         json_path = write_demo_inputs(workdir)
         _say(err, f"demo inputs written to {json_path.parent}")
         generate(ctx=None, input_json=json_path, input_json_opt=None, image=None, audio=None, audio2=None, prompt=None,
-                 audio_type="add", out_path=out_path, save_file=None, ckpt_dir=None, multitalk_dir=None,
+                 audio_type="add", text=None, voice1=None, voice2=None, audio_mode=None, tts_dir=None,
+                 audio_save_dir=None, out_path=out_path, save_file=None, ckpt_dir=None, multitalk_dir=None,
                  wav2vec_dir=None, preset="tiny", size=size, frame_num=frame_num,
                  motion_frame=motion_frame, mode="streaming", sample_steps=steps, sample_shift=None,
                  text_scale=5.0, audio_scale=4.0, seed=42, n_prompt="", use_teacache=False, teacache_thresh=0.2,
@@ -382,14 +417,15 @@ def _check_attention(attention: str) -> None:
 
 
 def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention="auto",
-                    memory: dict | None = None) -> dict:
+                    memory: dict | None = None, tts_dir=None) -> dict:
     if preset is None and ckpt_dir is None:
         raise UserInputError("ckpt_dir", "no model weights given",
                              "pass --ckpt-dir and --wav2vec-dir (official folders), or --preset tiny")
     _check_attention(attention)
     opts = {"preset": preset, "device": device, "dtype": dtype, "attention": attention}
     opts.update({k: v for k, v in (memory or {}).items() if v is not None and v is not False})
-    for key, value in (("ckpt_dir", ckpt_dir), ("wav2vec_dir", wav2vec_dir), ("multitalk_dir", multitalk_dir)):
+    for key, value in (("ckpt_dir", ckpt_dir), ("wav2vec_dir", wav2vec_dir), ("multitalk_dir", multitalk_dir),
+                       ("tts_dir", tts_dir)):
         if value is not None:
             opts[key] = str(value)
     return opts
@@ -413,6 +449,7 @@ def serve(
     offload: bool = _opt(False, "--offload_model", "--offload-model", help="Encoders and VAE leave the GPU between uses."),
     fp8: bool = _opt(False, "--fp8", help="FP8 compute: the DiT's feed-forward linears in e4m3."),
     attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
+    tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder for tts_audio jobs with Kokoro voices (default: espeak-ng)."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """HTTP job API with one in-process worker (models loaded once)."""
@@ -424,7 +461,7 @@ def serve(
 
         opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention,
                                dict(max_vram_gib=max_vram, weights=None if weights == "auto" else weights,
-                                    num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8))
+                                    num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8), tts_dir)
         serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts, db=db)
 
     _run_guarded(run)
@@ -447,6 +484,7 @@ def worker(
     fp8: bool = _opt(False, "--fp8", help="FP8 compute: the DiT's feed-forward linears in e4m3."),
     max_jobs: Optional[int] = _opt(None, "--max-jobs", help="Exit after N jobs."),
     attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
+    tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder for tts_audio jobs with Kokoro voices (default: espeak-ng)."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """An extra worker process against the server's job store."""
@@ -458,9 +496,85 @@ def worker(
 
         opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention,
                                dict(max_vram_gib=max_vram, weights=None if weights == "auto" else weights,
-                                    num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8))
+                                    num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8), tts_dir)
         n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs, db=db)
         _say(out, f"worker processed {n} jobs")
+
+    _run_guarded(run)
+
+
+@app.command()
+def ui(
+    host: str = _opt("127.0.0.1", "--host", help="Bind address (anything but loopback needs --auth)."),
+    port: int = _opt(7860, "--port", help="TCP port of the page."),
+    preset: Optional[str] = _opt(None, "--preset", help="'tiny': the project's small random weights (quick CPU try-out)."),
+    ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
+    multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
+    wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
+    device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
+    dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention of the local engine: sdpa, int8 (Hopper) or auto."),
+    api: Optional[str] = _opt(None, "--api", help="Drive a running `multitalk serve` at this URL instead of a local engine."),
+    token: Optional[str] = _opt(None, "--token", envvar="MULTITALK_API_TOKEN", help="API token of the service (--api)."),
+    tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder: Kokoro voices for text to speak (default: espeak-ng)."),
+    lora_dir: Optional[list[str]] = _opt(None, "--lora_dir", "--lora-dir", help="LoRA file(s) for the fast recipes (lightx2v, fusionx): local files, or with --api URIs the service reads. The quality recipe runs without them."),
+    lora_scale: Optional[list[float]] = _opt(None, "--lora_scale", "--lora-scale", help="Strength per --lora_dir file (default 1.0 each)."),
+    data_dir: Path = _opt(Path("multitalk-ui"), "--data-dir", help="Job history, videos and synthesised speech of the page."),
+    auth: Optional[str] = _opt(None, "--auth", envvar="MULTITALK_UI_AUTH", help="USER:PASSWORD login for the page (required off loopback)."),
+    debug: bool = _opt(False, "--debug", help="Show tracebacks."),
+):
+    """Web page (Gradio): image, speaker boxes, speech or text, progress, video, history."""
+    global _DEBUG
+    _DEBUG = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+
+    def run():
+        from multitalk.ui.web import create_page, is_loopback, serve_page
+
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise UserInputError("ui", "the web page needs Gradio, which is not installed",
+                                 "pip install -c constraints.txt 'multitalk[ui]'") from None
+        login = None
+        if auth:
+            user, sep, password = auth.partition(":")
+            if not sep or not user or not password:
+                raise UserInputError("auth", "expected USER:PASSWORD", "e.g. --auth alice:a-long-password")
+            login = (user, password)
+        if login is None and not is_loopback(host):
+            raise UserInputError("host", f"refusing to serve the page on {host} without a login",
+                                 "pass --auth USER:PASSWORD (or MULTITALK_UI_AUTH), or use --host 127.0.0.1")
+        config = None
+        if api is None:
+            from multitalk.pipeline.engine import EngineConfig
+
+            if preset is None and ckpt_dir is None:
+                raise UserInputError("ckpt_dir", "no model weights given",
+                                     "pass --ckpt-dir and --wav2vec-dir (official folders), --preset tiny, "
+                                     "or --api URL of a running multitalk serve")
+            _check_attention(attention)
+            config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
+                                  preset=preset, device=device, dtype=dtype, attention=attention)
+            config.resolved_dirs()   # missing folders fail now, not on the first job
+        loras = None
+        if lora_dir:
+            if api is None:   # local files: checked against the model now (headers only)
+                specs = lora_specs(lora_dir, lora_scale)
+                config.check_loras(specs)
+                loras = [{"uri": str(spec.path), "scale": spec.scale} for spec in specs]
+            else:             # URIs the service reads and checks at submission
+                scales = list(lora_scale or [1.0] * len(lora_dir))
+                if len(scales) != len(lora_dir):
+                    raise UserInputError("lora_scale", f"{len(scales)} scales for {len(lora_dir)} LoRA files",
+                                         "give one --lora_scale per --lora_dir file, or none (1.0 each)")
+                loras = [{"uri": uri, "scale": scale} for uri, scale in zip(lora_dir, scales)]
+        elif lora_scale:
+            raise UserInputError("lora_scale", "given without --lora_dir", "add --lora_dir FILE [FILE ...]")
+        page, _backend = create_page(data_dir=data_dir, api=api, token=token, engine_config=config,
+                                     tts_dir=tts_dir, preset=preset, loras=loras)
+        out.print(f"MultiTalk page on http://{host}:{port} ({'service ' + api if api else 'local engine'})")
+        serve_page(page, host, port, auth=login, allowed_paths=[str(data_dir.resolve())])
 
     _run_guarded(run)
 

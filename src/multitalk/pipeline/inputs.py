@@ -27,6 +27,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, V
                       model_validator)
 
 from multitalk.errors import UserInputError
+from multitalk.pipeline.speech_from_text import TtsAudio
 
 PERSONS = ("person1", "person2")
 SIZES = ("multitalk-480", "multitalk-720", "preview")
@@ -116,11 +117,13 @@ class CondAudio(BaseModel):
 
 
 class InputSpec(BaseModel):
-    """The official input JSON: ``prompt``, ``cond_image``, ``cond_audio``, ``audio_type``, ``bbox``.
+    """The official input JSON: ``prompt``, ``cond_image``, ``cond_audio`` or ``tts_audio``,
+    ``audio_type``, ``bbox``.
 
     ``bbox`` boxes are ``[row_min, col_min, row_max, col_max]`` in source-image pixels (the
     official code indexes ``mask[x_min:x_max, y_min:y_max]``, so the first pair are rows).
-    Unknown keys are kept out and reported in :attr:`warnings`.
+    Unknown keys are kept out and reported in :attr:`warnings`. With ``tts_audio`` and no
+    ``cond_audio`` the speech is synthesised (``pipeline/speech_from_text.py``) before generation.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -130,7 +133,7 @@ class InputSpec(BaseModel):
     cond_audio: CondAudio | None = None
     audio_type: Literal["add", "para"] | None = None
     bbox: dict[str, list[float]] | None = None
-    tts_audio: Any | None = None
+    tts_audio: TtsAudio | None = None
     _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("cond_audio", mode="before")
@@ -159,13 +162,11 @@ class InputSpec(BaseModel):
         warnings = [f"unknown key {k!r} ignored" for k in (self.model_extra or {})]
         if self.model_extra:
             self.model_extra.clear()
-        if self.cond_audio is None:
-            if self.tts_audio is not None:
-                raise UserInputError("tts_audio", "TTS not supported yet", "give cond_audio")
-            raise UserInputError("cond_audio", "missing", _FIXES["cond_audio"])
-        if self.tts_audio is not None:
-            warnings.append("tts_audio ignored: TTS is not supported, cond_audio is used")
-        two = self.cond_audio.person2 is not None
+        if self.cond_audio is None and self.tts_audio is None:
+            raise UserInputError("cond_audio", "missing", _FIXES["cond_audio"] + ", or tts_audio {text, human1_voice}")
+        if self.cond_audio is not None and self.tts_audio is not None:
+            warnings.append("both cond_audio and tts_audio given: cond_audio is used (--audio_mode tts speaks the text)")
+        two = self.num_speakers == 2
         if self.audio_type is None:
             if two:
                 warnings.append("audio_type missing: using 'add' (person1 speaks, then person2)")
@@ -192,13 +193,28 @@ class InputSpec(BaseModel):
         """Non-fatal problems found while validating (unknown keys, defaults applied)."""
         return list(self._warnings)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "InputSpec":
+        """Validate an input given as a dict; a problem raises a one-line :class:`UserInputError`."""
+        return _validate(cls, data)
+
+    @property
+    def uses_tts(self) -> bool:
+        """True when the speech must be synthesised from ``tts_audio`` (no ``cond_audio``)."""
+        return self.cond_audio is None
+
     @property
     def num_speakers(self) -> int:
+        if self.cond_audio is None:
+            return self.tts_audio.num_speakers
         return 2 if self.cond_audio.person2 is not None else 1
 
     def speaker_paths(self) -> list[str]:
         """Speech file per speaker, person1 first."""
         audio = self.cond_audio
+        if audio is None:
+            raise UserInputError("cond_audio", "the speech is still to be synthesised from tts_audio",
+                                 "synthesise it first (pipeline.speech_from_text.speak_inputs)")
         return [audio.person1] if audio.person2 is None else [audio.person1, audio.person2]
 
     def bbox_dict(self) -> dict[str, list[float]] | None:
@@ -217,6 +233,16 @@ def _resolve_media(value: str, field: str, bases: list[Path]) -> str:
     where = ", ".join(str(c.parent) for c in candidates)
     raise UserInputError(field, f"file not found: {value} (looked in {where})",
                          "fix the path; relative paths are resolved against the JSON's folder")
+
+
+def _resolve_voice(value: str, bases: list[Path]) -> str:
+    """A voice that names an existing file (relative to the JSON like media) becomes its absolute
+    path; anything else (an espeak-ng name, a Kokoro voice looked up in ``--tts_dir``) is kept."""
+    path = Path(os.path.expanduser(value))
+    for cand in ([path] if path.is_absolute() else [b / path for b in bases]):
+        if cand.is_file():
+            return str(cand.resolve())
+    return value
 
 
 def load_input_json(path: str | os.PathLike) -> tuple[InputSpec, list[str]]:
@@ -244,9 +270,14 @@ def load_input_json(path: str | os.PathLike) -> tuple[InputSpec, list[str]]:
     folder = path.resolve().parent
     bases = [folder, folder.parent, Path.cwd()]
     update = {"cond_image": _resolve_media(spec.cond_image, "cond_image", bases)}
-    audio = {p: _resolve_media(v, f"cond_audio.{p}", bases)
-             for p, v in spec.cond_audio.model_dump().items() if v is not None}
-    update["cond_audio"] = CondAudio(**audio)
+    if spec.cond_audio is not None:
+        audio = {p: _resolve_media(v, f"cond_audio.{p}", bases)
+                 for p, v in spec.cond_audio.model_dump().items() if v is not None}
+        update["cond_audio"] = CondAudio(**audio)
+    if spec.tts_audio is not None:  # voice files (Kokoro .pt) resolve like media; voice names stay
+        voices = {k: _resolve_voice(v, bases) for k, v in spec.tts_audio.model_dump().items()
+                  if k.endswith("_voice") and v is not None}
+        update["tts_audio"] = spec.tts_audio.model_copy(update=voices)
     resolved = spec.model_copy(update=update)
     resolved._warnings = spec.warnings
     return resolved, spec.warnings

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from multitalk.pipeline.inputs import GenerationParams
+from multitalk.pipeline.speech_from_text import TtsAudio
 
 PERSONS = ("person1", "person2")
 
@@ -45,7 +46,13 @@ class JobRequest(_Strict):
     cond_image: str = Field(..., min_length=1, max_length=4096,
                             description="s3://, https://, upload:// (from /v1/files) or a "
                                         "server-local path when the server allows it")
-    cond_audio: CondAudio
+    # tts_audio is declared first so that cond_audio's check sees it (either one is required)
+    tts_audio: TtsAudio | None = Field(
+        None, description="speech from text (the official format): {text: '(s1) ... (s2) ...', human1_voice, "
+                          "human2_voice}; a voice is an espeak-ng name (en-us, en-gb+f3) or a Kokoro voice "
+                          "file name (af_heart.pt) of the server's --tts_dir")
+    cond_audio: CondAudio | None = Field(
+        None, validate_default=True, description="speech per person (URIs); or give tts_audio instead")
     audio_type: Literal["add", "para"] | None = Field(
         None, description="two persons: 'add' (one after the other) or 'para' (together)")
     bbox: BBoxes | None = None
@@ -54,9 +61,28 @@ class JobRequest(_Strict):
                                description="output URI prefix (s3://bucket/prefix); default: server's")
     webhook_url: str | None = Field(None, max_length=4096)
 
+    @field_validator("cond_audio", mode="before")
+    @classmethod
+    def _empty_audio(cls, v):
+        return None if v == {} else v   # the official TTS examples carry "cond_audio": {}
+
+    @field_validator("cond_audio")
+    @classmethod
+    def _audio_or_text(cls, v, info: ValidationInfo):
+        if "tts_audio" not in info.data:   # tts_audio itself was invalid: reported there
+            return v
+        if v is None and info.data["tts_audio"] is None:
+            raise ValueError("Field required: give cond_audio (speech files) or tts_audio (text to speak)")
+        if v is not None and info.data["tts_audio"] is not None:
+            raise ValueError("give either cond_audio (speech files) or tts_audio (text to speak), not both")
+        return v
+
     @model_validator(mode="after")
     def _persons(self) -> "JobRequest":
-        two = self.cond_audio.person2 is not None
+        if self.cond_audio is None and self.tts_audio is None:
+            return self   # reported by the field checks
+        two = (self.cond_audio.person2 is not None if self.cond_audio is not None
+               else self.tts_audio.num_speakers == 2)
         if two and self.audio_type is None:
             self.audio_type = "add"
         if self.bbox is not None and (self.bbox.person2 is not None) != two:
@@ -65,10 +91,12 @@ class JobRequest(_Strict):
 
     def media(self) -> dict[str, str]:
         """Field path -> URI of every input file (media and LoRAs)."""
-        out = {"cond_image": self.cond_image, "cond_audio.person1": self.cond_audio.person1}
+        out = {"cond_image": self.cond_image, **self.lora_files()}
+        if self.cond_audio is None:
+            return out
+        out["cond_audio.person1"] = self.cond_audio.person1
         if self.cond_audio.person2 is not None:
             out["cond_audio.person2"] = self.cond_audio.person2
-        out.update(self.lora_files())
         return out
 
     def lora_files(self) -> dict[str, str]:

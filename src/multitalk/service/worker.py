@@ -201,11 +201,12 @@ class Worker:
         """The request with every input URI replaced by a fetched local path."""
         req = {k: (dict(v) if isinstance(v, dict) else v) for k, v in request.items()}
         req["cond_image"] = str(self.storage.fetch("cond_image", req["cond_image"], inputs))
-        for person, uri in list(req["cond_audio"].items()):
+        for person, uri in list((req.get("cond_audio") or {}).items()):
             if uri is not None:
                 req["cond_audio"][person] = str(
                     self.storage.fetch(f"cond_audio.{person}", uri, inputs))
-        check_audio({f"cond_audio.{p}": Path(v) for p, v in req["cond_audio"].items() if v},
+        # tts_audio jobs have no speech files yet (the runner speaks them; text <= 5000 characters)
+        check_audio({f"cond_audio.{p}": Path(v) for p, v in (req.get("cond_audio") or {}).items() if v},
                     req.get("audio_type"), self.config)
         params = req.get("params")
         if isinstance(params, dict) and params.get("loras"):
