@@ -51,6 +51,10 @@ def split_sizes(total: int, parts: int) -> list[int]:
     return [q + 1] * r + [q] * (parts - r)
 
 
+# torch >= 2.12 names it all_gather_single (all_gather_tensor warns); the GPU image has 2.11
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
 def _wait(t: torch.Tensor) -> torch.Tensor:
     return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
 
@@ -97,7 +101,7 @@ class SequenceShard:
         x = x.contiguous()
         if x.shape[1] < largest:
             x = torch.cat([x, x.new_zeros(x.shape[0], largest - x.shape[1], *x.shape[2:])], dim=1)
-        full = _wait(funcol.all_gather_tensor(x, 1, self.group))
+        full = _wait(_all_gather(x, 1, self.group))
         if largest * self.degree == sum(self.sizes):
             return full
         return torch.cat([part[:, :n] for part, n in zip(full.split(largest, dim=1), self.sizes)], dim=1)
