@@ -8,6 +8,7 @@ the field and the fix and exits with code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from multitalk.errors import CheckpointError, MultiTalkError, UserInputError
 
@@ -31,7 +33,7 @@ _DEBUG = False
 def _fail(exc: BaseException, code: int = 2) -> None:
     if _DEBUG:
         raise exc
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -50,7 +52,7 @@ def _run_guarded(fn):
     except Exception as exc:  # anything unexpected: one line, the hint, no traceback
         if _DEBUG:
             raise
-        err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+        err.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} (run again with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
@@ -96,6 +98,8 @@ def generate(
     offload: bool = _opt(False, "--offload_model", "--offload-model", "--offload", help="Keep only the running model on the GPU."),
     fp8: bool = _opt(False, "--fp8", help="FP8 linears in the DiT (Hopper)."),
     compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Regional torch.compile of the DiT blocks and fused VAE element-wise kernels (default: on for CUDA)."),
+    gpus: Optional[int] = _opt(None, "--gpus", help="Processes (one GPU each) for the DiT: starts them itself; under torchrun, its WORLD_SIZE."),
+    parallel: str = _opt("auto", "--parallel", help="With --gpus > 1: auto, ulysses (split the sequence) or cfg (guidance branches side by side)."),
     save_tensor: Optional[Path] = _opt(None, "--save-tensor", "--save_tensor", help="Also store the float video as safetensors key 'video' (3,T,H,W)."),
     quiet: bool = _opt(False, "--quiet", "-q", help="No progress bars."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
@@ -108,9 +112,20 @@ def generate(
     def run():
         from multitalk.pipeline.engine import Engine, EngineConfig
         from multitalk.pipeline.inputs import GenerationParams, InputSpec, load_input_json
-        from multitalk.ui.terminal import ProgressView
         from multitalk.pipeline.render import render
+        from multitalk.runtime.parallel.group import under_torchrun
+        from multitalk.ui.terminal import ProgressView
 
+        if gpus is not None and gpus < 1:
+            raise UserInputError("gpus", f"--gpus {gpus}", "use --gpus 1 or more")
+        config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
+                              preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
+                              compile=compile, gpus=gpus or 1, parallel=parallel)
+        if under_torchrun() and int(os.environ["RANK"]) != 0:
+            from multitalk.pipeline.parallel import serve_from_env
+
+            serve_from_env(config)      # rank 0 alone reads the inputs and writes the video
+            return
         json_path = input_json or input_json_opt
         if json_path is not None:
             spec, warnings = load_input_json(json_path)
@@ -146,16 +161,18 @@ def generate(
 
         check_output_path(target)
         media = prepare_media(spec, params)  # every input problem surfaces before models load
-        config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
-                              preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                              compile=compile)
         t0 = time.perf_counter()
         with err.status("loading models ..."):
             engine = Engine.load(config)
-        err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, {engine.dtype})")
-        with ProgressView(console=err, enabled=not quiet) as view:
-            result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
-                            progress=view.update)
+        try:
+            where = (f"{engine.device} + {engine.parallel.world - 1} more processes, --parallel {parallel}"
+                     if engine.parallel is not None else f"{engine.device}")
+            err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {where}, {engine.dtype})")
+            with ProgressView(console=err, enabled=not quiet) as view:
+                result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
+                                progress=view.update)
+        finally:
+            engine.close()
         out.print(f"wrote {target} ({result.frames} frames, {result.width}x{result.height}, "
                   f"{result.duration_s:.2f}s, seed {result.seed}) in {time.perf_counter() - t0:.1f}s")
 
@@ -188,7 +205,7 @@ def demo(
                  text_scale=5.0, audio_scale=4.0, seed=42, n_prompt="", use_teacache=False, teacache_thresh=0.2,
                  use_apg=False, apg_momentum=-0.75, apg_norm_threshold=55.0, color_correction_strength=0.0,
                  max_frames=None, device="cpu", dtype="float32", offload=False, fp8=False, compile=False,
-                 save_tensor=None, quiet=False, debug=debug)
+                 gpus=None, parallel="auto", save_tensor=None, quiet=False, debug=debug)
 
     _run_guarded(run)
 
@@ -288,6 +305,8 @@ def worker(
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
     max_jobs: Optional[int] = _opt(None, "--max-jobs", help="Exit after N jobs."),
+    gpus: int = _opt(1, "--gpus", help="GPUs this worker owns: one process each, one job at a time over all of them."),
+    parallel: str = _opt("auto", "--parallel", help="With --gpus > 1: auto, ulysses or cfg (see multitalk generate)."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """An extra worker process against the server's job store."""
@@ -297,7 +316,11 @@ def worker(
     def run():
         from multitalk.service.cli_commands import worker as run_worker
 
+        if gpus < 1:
+            raise UserInputError("gpus", f"--gpus {gpus}", "use --gpus 1 or more")
         opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
+        if gpus > 1:
+            opts.update(gpus=gpus, parallel=parallel)
         n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs)
         out.print(f"worker processed {n} jobs")
 

@@ -222,9 +222,9 @@ def _load_servant_dit(group: ParallelGroup, config: EngineConfig, concurrency: i
 
 
 def load_parallel_engine(config: EngineConfig) -> Engine:
-    """This process becomes rank 0 of ``config.gpus`` processes (or of a ``torchrun`` launch); returns
-    rank 0's :class:`Engine` with ``engine.parallel`` set. Under ``torchrun`` the other ranks serve
-    and then exit the process here."""
+    """This process becomes rank 0 of ``config.gpus`` processes (it starts the others), or of a
+    ``torchrun`` launch (whose other ranks call :func:`serve_from_env`); returns rank 0's
+    :class:`Engine` with ``engine.parallel`` set, once every process has loaded its DiT."""
     if config.offload:
         raise UserInputError("offload_model", "offloading is not available with several GPUs",
                              "drop --offload_model (each GPU holds one DiT) or use --gpus 1")
@@ -242,15 +242,13 @@ def load_parallel_engine(config: EngineConfig) -> Engine:
             raise UserInputError("gpus", f"--gpus {config.gpus} under torchrun with {group.world} processes",
                                  "leave --gpus out under torchrun, or give the same number")
         if group.rank != 0:
-            try:
-                serve(group, config, concurrency)
-            finally:
-                group.close()
-            raise SystemExit(0)
+            raise UserInputError("gpus", f"rank {group.rank} of a torchrun launch was asked to load rank 0's engine",
+                                 "call serve_from_env on the other ranks")
     else:
         if config.gpus < 2:
             raise UserInputError("gpus", f"{config.gpus} GPUs", "use --gpus 2 or more for a multi-GPU engine")
-        threads = max(1, (os.cpu_count() or 1) // config.gpus) if base.type == "cpu" else None
+        # CPU processes share the cores: each servant gets its share (rank 0 keeps its own setting)
+        threads = max(1, torch.get_num_threads() // config.gpus) if base.type == "cpu" else None
         group = ParallelGroup.start(config.gpus, base, serve, (config, concurrency), threads=threads)
     try:
         t0 = time.perf_counter()
@@ -262,6 +260,19 @@ def load_parallel_engine(config: EngineConfig) -> Engine:
     except BaseException:
         group.close()
         raise
+
+
+def serve_from_env(config: EngineConfig) -> None:
+    """A non-zero rank of a ``torchrun`` launch: serve rank 0 until it stops (then return)."""
+    group = ParallelGroup.from_env(resolve_device(config.device).type)
+    concurrency = max(1, int(os.environ.get(LOAD_CONCURRENCY_ENV, "1")))
+    try:
+        serve(group, config, concurrency)
+    except BaseException as exc:
+        group.report_error(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        group.close()
 
 
 def _wait_ready(group: ParallelGroup) -> None:
@@ -276,4 +287,5 @@ def _wait_ready(group: ParallelGroup) -> None:
             time.sleep(0.1)
 
 
-__all__ = ["BranchExecutor", "Job", "ParallelDenoiser", "ParallelRuntime", "load_parallel_engine", "serve"]
+__all__ = ["BranchExecutor", "Job", "ParallelDenoiser", "ParallelRuntime", "load_parallel_engine", "serve",
+           "serve_from_env"]

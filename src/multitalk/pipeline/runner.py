@@ -1,6 +1,7 @@
 """The service's runner: keeps one loaded :class:`Engine` and renders one job at a time.
 
-``PipelineRunner(preset="tiny")`` or ``PipelineRunner(ckpt_dir=..., wav2vec_dir=..., multitalk_dir=...)``.
+``PipelineRunner(preset="tiny")`` or ``PipelineRunner(ckpt_dir=..., wav2vec_dir=..., multitalk_dir=...)``;
+``gpus=N`` makes the runner rank 0 of N processes (:mod:`multitalk.pipeline.parallel`).
 ``run(request, workdir, progress, should_cancel)`` takes the job body with every medium already
 fetched to a local path and returns ``{video_path, frames, duration_s, width, height, seed}``.
 """
@@ -19,12 +20,13 @@ from multitalk.pipeline.render import render
 class PipelineRunner:
     def __init__(self, ckpt_dir: str | None = None, wav2vec_dir: str | None = None,
                  multitalk_dir: str | None = None, preset: str | None = None, device: str = "auto",
-                 dtype: str = "auto", offload: bool = False, fp8: bool = False, compile: bool | None = None):
+                 dtype: str = "auto", offload: bool = False, fp8: bool = False, compile: bool | None = None,
+                 gpus: int = 1, parallel: str = "auto"):
         self.config = EngineConfig(ckpt_dir=Path(ckpt_dir) if ckpt_dir else None,
                                    wav2vec_dir=Path(wav2vec_dir) if wav2vec_dir else None,
                                    multitalk_dir=Path(multitalk_dir) if multitalk_dir else None,
                                    preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                                   compile=compile)
+                                   compile=compile, gpus=gpus, parallel=parallel)
         self.engine: Engine | None = None
         self._lock = threading.Lock()
 
@@ -32,6 +34,13 @@ class PipelineRunner:
         with self._lock:
             if self.engine is None:
                 self.engine = Engine.load(self.config)
+
+    def close(self) -> None:
+        """Stop the other processes of a multi-GPU engine (``gpus > 1``)."""
+        with self._lock:
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
 
     def run(self, request: dict, workdir: Path, progress, should_cancel) -> dict:
         self.load()

@@ -12,7 +12,7 @@ import signal
 import threading
 from pathlib import Path
 
-from multitalk.errors import UserInputError
+from multitalk.errors import MultiTalkError, UserInputError
 
 from .api import create_app
 from .config import ServiceConfig
@@ -122,4 +122,17 @@ def worker(data_dir: str | Path | None = None,
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     log.info("worker %s serving %s", w.worker_id, cfg.db_path)
-    return w.serve_forever(stop, max_jobs=max_jobs)
+    try:
+        done = w.serve_forever(stop, max_jobs=max_jobs)
+    finally:
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
+    if w.fatal is not None:
+        raise WorkerStopped(f"worker stopped after {done} jobs: {w.fatal}; restart it (its job was put back "
+                            "in the queue)")
+    return done
+
+
+class WorkerStopped(MultiTalkError):
+    """The worker cannot go on (a GPU process of a multi-GPU worker died); a restart is needed."""

@@ -221,6 +221,32 @@ class JobStore:
                        json.dumps(progress), time.time(), job_id))
             return True
 
+    def release(self, job_id: str, worker_id: str, error: dict) -> str | None:
+        """Give back a running job whose attempt ended through no fault of the job (a GPU process of
+        the worker died): queued again with ``error`` as the reason of the last attempt, or failed
+        with it once ``max_attempts`` leases were used. Returns the new status; None when
+        ``worker_id`` no longer held the lease."""
+        now = time.time()
+        with self._tx() as c:
+            row = c.execute("SELECT attempts, cancel_requested FROM jobs WHERE id=? AND lease_owner=? AND "
+                            "status='running'", (job_id, worker_id)).fetchone()
+            if row is None:
+                return None
+            if row["cancel_requested"]:
+                status = "cancelled"
+            elif row["attempts"] >= self.max_attempts:
+                status = "failed"
+            else:
+                status = "queued"
+            if status == "queued":
+                c.execute("UPDATE jobs SET status='queued', error=?, lease_owner=NULL, lease_expires_at=NULL, "
+                          "progress=NULL WHERE id=?", (json.dumps(error), job_id))
+            else:
+                c.execute("UPDATE jobs SET status=?, error=?, lease_owner=NULL, lease_expires_at=NULL, "
+                          "finished_at=? WHERE id=?",
+                          (status, json.dumps(error) if status == "failed" else None, now, job_id))
+            return status
+
     # -- cancellation and webhooks -------------------------------------------------------------
     def cancel(self, job_id: str) -> dict | None:
         """Queued -> cancelled now; running -> cancel requested (the worker stops at its next

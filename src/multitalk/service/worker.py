@@ -22,7 +22,7 @@ import traceback
 import uuid
 from pathlib import Path
 
-from multitalk.errors import UserInputError
+from multitalk.errors import ParallelError, UserInputError
 
 from .config import ServiceConfig
 from .metrics import Metrics
@@ -34,6 +34,7 @@ from .webhooks import deliver
 
 log = logging.getLogger(__name__)
 
+TERMINAL_STATUSES = ("failed", "cancelled")
 OOM_HINT = ("the GPU ran out of memory: use size multitalk-480, a smaller frame_num, or start the "
             "server with offloading/fp8; retry when no other job shares the GPU")
 
@@ -52,6 +53,9 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.ready = threading.Event()
         self.load_error: str | None = None
+        # a multi-GPU runner whose process group broke (a GPU process died): this worker stops and
+        # must be restarted; the job it ran was given back to the queue
+        self.fatal: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -70,7 +74,7 @@ class Worker:
         if not self.ready.is_set():
             self.load()
         done = 0
-        while not stop.is_set() and (max_jobs is None or done < max_jobs):
+        while not stop.is_set() and self.fatal is None and (max_jobs is None or done < max_jobs):
             try:
                 worked = self.run_once()
             except Exception:  # noqa: BLE001 - e.g. database busy: log, back off, go on
@@ -122,6 +126,8 @@ class Worker:
             status = "succeeded"
         except _Lost:
             status = None
+        except ParallelError as e:  # a GPU process of this worker died: not the job's fault
+            status, error = None, e
         except Exception as e:  # noqa: BLE001 - every failure becomes a job error
             if lost.is_set():
                 status = None
@@ -133,6 +139,9 @@ class Worker:
         finally:
             finished.set()
             beat.join(timeout=5)
+        if isinstance(error, ParallelError):
+            self._give_back(job_id, error)
+            return
         if error is not None and error["code"] == "out_of_memory":
             _free_accelerator_memory()      # after the except block: the traceback's tensors are gone
 
@@ -148,6 +157,18 @@ class Worker:
         if not keep and not self.config.keep_workdirs:
             shutil.rmtree(self.config.work_dir / job_id, ignore_errors=True)
         self.notify(job_id)
+
+    def _give_back(self, job_id: str, e: ParallelError) -> None:
+        """The job's attempt ended because the worker's process group broke: queue it again (or fail
+        it after ``max_attempts``) with the reason, and stop this worker (its GPUs need a restart)."""
+        error = {"code": "worker_lost", "message": f"a GPU process of worker {self.worker_id} failed: {e}",
+                 "hint": "the worker stops and must be restarted; the job is retried on the next lease"}
+        status = self.store.release(job_id, self.worker_id, error)
+        self.fatal = str(e)
+        log.error("job %s: %s; job %s, worker stopping for a restart", job_id, e, status or "lease already lost")
+        if status in TERMINAL_STATUSES:
+            self.metrics.jobs_finished.inc(status=status)
+            self.notify(job_id)
 
     def _localise(self, request: dict, inputs: Path) -> dict:
         """The request with every input URI replaced by a fetched local path."""

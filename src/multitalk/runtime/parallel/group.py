@@ -86,7 +86,7 @@ class GroupSpec:
     first_device: int           # rank r uses cuda:first_device+r
     timeout_s: float
     parent_pid: int
-    threads: int | None = None  # CPU threads per process (None: torch's default)
+    threads: int | None = None  # CPU threads per servant (None: torch's default)
 
     def device(self, rank: int) -> torch.device:
         return torch.device("cpu") if self.device_type == "cpu" else torch.device("cuda", self.first_device + rank)
@@ -150,8 +150,6 @@ class ParallelGroup:
             for p in processes.values():
                 p.kill()
             raise ParallelError(f"could not form the process group of {world} processes: {exc}") from exc
-        if threads:
-            torch.set_num_threads(threads)
         return cls(0, world, spec.device(0), store, timeout_s, processes)
 
     @classmethod
