@@ -25,7 +25,7 @@ which diffusers refuses: it needs at least 3 heads, or 5 with padding).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from multitalk.errors import UserInputError
 
@@ -58,7 +58,7 @@ class ParallelPlan:
     cfg: int
     ulysses: int
     branches: int
-    mode: str
+    mode: str = field(compare=False)          # how it was chosen; equal degrees are the same plan
     leftover_on_world: bool = True
 
     def group_of(self, rank: int) -> int:
