@@ -259,7 +259,7 @@ def _cli(golden, examples, out: Path, *extra) -> list[str]:
     return [sys.executable, "-m", "multitalk.cli", "generate", str(examples / "multitalk_example_1.json"),
             "--ckpt-dir", str(golden / "weights" / "Wan2.1-I2V-tiny"),
             "--wav2vec-dir", str(golden / "weights" / "chinese-wav2vec2-tiny"),
-            "--size", "preview", "--frame_num", "9", "--motion_frame", "5", "--mode", "streaming",
+            "--size", "preview", "--motion_frame", "5", "--mode", "streaming",
             "--base_seed", "7", "--use_apg", "--device", "cpu", "--dtype", "float32", "--quiet",
             "--out", str(out), *extra]
 
@@ -271,14 +271,21 @@ def _env() -> dict:
 
 
 def test_cli_streaming_two_gpus_matches_one(golden, examples, tmp_path):
-    """``multitalk generate --gpus 2 --parallel cfg`` (3 branches: 2 side by side + 1 split) equals
-    the one-process CLI run: 3 streaming clips, 2 speakers with boxes, APG, colour correction."""
+    """``multitalk generate --gpus 2 --parallel cfg`` (3 branches: 2 side by side + 1 split) against
+    the one-process CLI run: 2 streaming clips, 2 speakers with boxes, APG, colour correction.
+
+    Measured 2.2e-6. That is the float32 noise floor of this run, not a parallel error: the
+    one-process run with 2 threads instead of 1 differs from itself by 2.3e-6 (each DiT call of the
+    split differs from the whole one by 0 to 2e-7: matrix kernels round differently for other row
+    counts, and streaming clips amplify it; the golden README measures 1.6-1.8e-6 end to end for a
+    mere reordering of the attention). Hence 1e-5 here; the forwards and sampling loops above hold 1e-6.
+    """
     from safetensors.torch import load_file
     from typer.testing import CliRunner
 
     from multitalk.cli import app
 
-    args = ["--max-frames", "17", "--sample_steps", "3"]
+    args = ["--frame_num", "17", "--max-frames", "29", "--sample_steps", "3"]
     proc = subprocess.run(_cli(golden, examples, tmp_path / "par.mp4", *args, "--save-tensor",
                                str(tmp_path / "par.safetensors"), "--gpus", "2", "--parallel", "cfg"),
                           env=_env(), capture_output=True, text=True, timeout=900)
@@ -288,15 +295,14 @@ def test_cli_streaming_two_gpus_matches_one(golden, examples, tmp_path):
     assert one.exit_code == 0, one.output
     par = load_file(str(tmp_path / "par.safetensors"))["video"]
     ref = load_file(str(tmp_path / "one.safetensors"))["video"]
-    assert par.shape == ref.shape and par.shape[1] == 17
+    assert par.shape == ref.shape and par.shape[1] == 29
     err = rel_l2(par, ref)
     print(f"\nCLI --gpus 2 vs one process: {err:.2e}")
-    assert err <= TOL
+    assert err <= 1e-5
     assert (tmp_path / "par.mp4").stat().st_size > 0
 
 
-def _grandchildren(pid: int) -> list[int]:
-    """Processes whose parent is a child of ``pid`` (the servants under the fork server)."""
+def _parents() -> dict[int, int]:
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -305,6 +311,16 @@ def _grandchildren(pid: int) -> list[int]:
             except OSError:
                 continue
             parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def _children(pid: int) -> list[int]:
+    return [p for p, pp in _parents().items() if pp == pid]
+
+
+def _grandchildren(pid: int) -> list[int]:
+    """Processes whose parent is a child of ``pid`` (the servants under the fork server)."""
+    parents = _parents()
     children = {p for p, pp in parents.items() if pp == pid}
     return [p for p, pp in parents.items() if pp in children]
 
@@ -316,7 +332,8 @@ def _cpu_ticks(pid: int) -> int:
 
 def test_killed_rank_ends_the_run_with_a_clear_error(golden, examples, tmp_path):
     """SIGKILL of rank 1 mid-run: the CLI exits 1 naming the rank, well within the timeout."""
-    proc = subprocess.Popen(_cli(golden, examples, tmp_path / "v.mp4", "--sample_steps", "40", "--gpus", "2"),
+    proc = subprocess.Popen(_cli(golden, examples, tmp_path / "v.mp4", "--frame_num", "9", "--sample_steps", "40",
+                                 "--gpus", "2"),
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
 
@@ -334,6 +351,7 @@ def test_killed_rank_ends_the_run_with_a_clear_error(golden, examples, tmp_path)
             time.sleep(0.2)
         servants = _grandchildren(proc.pid)
         assert len(servants) == 1, servants
+        helpers = _children(proc.pid)                     # the fork server (and resource tracker)
         loaded = _cpu_ticks(servants[0])
         while _cpu_ticks(servants[0]) < loaded + 50:       # the servant is running DiT calls
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
@@ -352,3 +370,7 @@ def test_killed_rank_ends_the_run_with_a_clear_error(golden, examples, tmp_path)
     assert "rank 1 of 2 was killed by signal 9 (SIGKILL)" in text
     assert "Traceback" not in text
     assert elapsed < 30                                     # the watchdog, not the 300 s timeout
+    deadline = time.monotonic() + 20                        # and no process is left behind
+    while any(Path(f"/proc/{p}").exists() for p in helpers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in helpers if Path(f"/proc/{p}").exists()]
