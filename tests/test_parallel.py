@@ -374,3 +374,53 @@ def test_killed_rank_ends_the_run_with_a_clear_error(golden, examples, tmp_path)
     while any(Path(f"/proc/{p}").exists() for p in helpers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in helpers if Path(f"/proc/{p}").exists()]
+
+
+# ----------------------------------------------------------------------------------------------
+# the service worker
+
+
+def test_worker_with_two_gpus_gives_back_the_job_of_a_dead_rank(golden, examples, tmp_path):
+    """``multitalk worker --gpus 2``: rank 1 killed mid-job -> the job is queued again with the reason,
+    the worker stops (exit 1, one line); the restarted worker leases the job again and finishes it."""
+    from multitalk.service.config import ServiceConfig
+    from multitalk.service.store import JobStore
+
+    data = tmp_path / "data"
+    env = {**_env(), "MULTITALK_ALLOW_LOCAL_PATHS": "1", "MULTITALK_POLL_INTERVAL_S": "0.1",
+           "MULTITALK_HEARTBEAT_S": "1"}
+    store = JobStore(ServiceConfig.from_env(env={}, data_dir=data).db_path)
+    store.submit({"prompt": "a man talking", "cond_image": str(examples / "single" / "single1.png"),
+                  "cond_audio": {"person1": str(examples / "single" / "1.wav")},
+                  "params": {"size": "preview", "frame_num": 9, "sample_steps": 12, "max_frames": 9}})
+    worker = [sys.executable, "-m", "multitalk.cli", "worker", "--data-dir", str(data), "--gpus", "2",
+              "--ckpt-dir", str(golden / "weights" / "Wan2.1-I2V-tiny"),
+              "--wav2vec-dir", str(golden / "weights" / "chinese-wav2vec2-tiny"), "--device", "cpu",
+              "--dtype", "float32", "--max-jobs", "1"]
+    first = subprocess.Popen(worker, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        job = None
+        while not (job and (job.get("step") or {}).get("i", 0) >= 2):   # sampling under way
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the job never reached step 2"
+            time.sleep(0.2)
+            job = store.list()[0]
+        servants = _grandchildren(first.pid)
+        assert len(servants) == 1, servants
+        os.kill(servants[0], signal.SIGKILL)
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 1, err[-2000:]
+    assert "rank 1 of 2 was killed by signal 9 (SIGKILL)" in err and "restart it" in err
+    job = store.get(job["id"])
+    assert job["status"] == "queued" and job["attempts"] == 1
+    assert job["error"]["code"] == "worker_lost" and "rank 1 of 2 was killed" in job["error"]["message"]
+
+    second = subprocess.run(worker, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    job = store.get(job["id"])
+    assert job["status"] == "succeeded" and job["attempts"] == 2 and job["error"] is None, job
+    assert job["result"]["frames"] == 9
