@@ -405,7 +405,7 @@ def test_worker_with_two_gpus_gives_back_the_job_of_a_dead_rank(golden, examples
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "the job never reached step 2"
             time.sleep(0.2)
-            job = store.list()[0]
+            job = store.list()[0][0]
         servants = _grandchildren(first.pid)
         assert len(servants) == 1, servants
         os.kill(servants[0], signal.SIGKILL)
