@@ -39,7 +39,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import torch  # noqa: E402
 
-from bench import Setting, dit_inputs, rel_l2  # noqa: E402
+from builders import dit_inputs  # noqa: E402
+from harness import Setting, rel_l2  # noqa: E402
 from probe import Probe  # noqa: E402
 
 P = Probe("probe_cuda_parity")

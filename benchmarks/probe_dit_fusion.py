@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench import rel_l2 as rel  # noqa: E402
+from harness import rel_l2 as rel  # noqa: E402
 from ceilings import cuda_time  # noqa: E402
 from probe import Probe  # noqa: E402
 
@@ -70,14 +70,15 @@ def micro():
 
 
 def model_variants():
-    import bench
+    import builders
+    import harness
     import multitalk.runtime.dit_fusion as fusion
     from multitalk.models.architecture import FULL_14B
 
     sec = P.section("model")
-    s = bench.Setting(FULL_14B, torch.device("cuda"), torch.bfloat16, text_tokens=200)
-    model = bench.build_dit(s)
-    one = bench.dit_inputs(s, 1)
+    s = harness.Setting(FULL_14B, torch.device("cuda"), torch.bfloat16, text_tokens=200)
+    model = builders.build_dit(s)
+    one = builders.dit_inputs(s, 1)
     model.compile_repeated_blocks(fullgraph=True, dynamic=False)
     ref = None
     for label, qk, gelu in (("none", False, False), ("gelu", False, True), ("qk", True, False),
@@ -85,13 +86,13 @@ def model_variants():
         fusion.unfuse_dit(model)
         fusion.fuse_dit(model, qk=qk, gelu=gelu)
         with torch.no_grad():
-            stats, out = bench.measure(lambda: model(**one), s.device, warmup=1, repeat=3)
+            stats, out = harness.measure(lambda: model(**one), s.device, warmup=1, repeat=3)
         out = out.float()
         ref = out if ref is None else ref
         entry = dict(median_s=stats["median_s"], times=stats["times_s"], err_vs_none=rel(out, ref))
         if label in ("none", "both"):
             with torch.no_grad():
-                bd = bench.kernel_breakdown(lambda: model(**one))
+                bd = harness.kernel_breakdown(lambda: model(**one))
             entry["breakdown"] = {k: v for k, v in bd.items() if k != "top"}
             entry["top"] = bd["top"][:14]
         sec[label] = entry

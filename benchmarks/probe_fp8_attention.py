@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench import rel_l2 as rel  # noqa: E402
+from harness import rel_l2 as rel  # noqa: E402
 from ceilings import cuda_time  # noqa: E402
 from probe import Probe  # noqa: E402
 
@@ -168,22 +168,23 @@ def gelu_epilogue():
 
 
 def dit():
-    import bench
+    import builders
+    import harness
     from multitalk.models.architecture import FULL_14B
     from multitalk.runtime.attention_fp8 import disable_fp8_self_attention, enable_fp8_self_attention
     from multitalk.runtime.fp8 import ffn_fp8_filter, quantize_linears_fp8
 
     sec = R.setdefault("dit", {})
-    s = bench.Setting(FULL_14B, torch.device("cuda"), torch.bfloat16, text_tokens=200)
-    model = bench.build_dit(s)
-    one = bench.dit_inputs(s, 1)
+    s = harness.Setting(FULL_14B, torch.device("cuda"), torch.bfloat16, text_tokens=200)
+    model = builders.build_dit(s)
+    one = builders.dit_inputs(s, 1)
 
     def fwd():
         with torch.no_grad():
             return model(**one)
 
     def timed(label, repeat=3):
-        stats, out = bench.measure(fwd, s.device, warmup=0, repeat=repeat)
+        stats, out = harness.measure(fwd, s.device, warmup=0, repeat=repeat)
         sec[f"{label}_s"], sec[f"{label}_times"] = stats["median_s"], stats["times_s"]
         return out.float()
 
@@ -192,7 +193,7 @@ def dit():
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ffn_fp8_filter(n, m)}
 
     def restore_linears():
-        bench.restore_modules(model, linears)
+        harness.restore_modules(model, linears)
 
     sec["fp8_attn_blocks"] = enable_fp8_self_attention(model)
     out = fwd().float()
@@ -228,7 +229,7 @@ def dit():
     save()
     try:
         with torch.no_grad():
-            sec["breakdown_fp8attn"] = bench.kernel_breakdown(lambda: model(**one))
+            sec["breakdown_fp8attn"] = harness.kernel_breakdown(lambda: model(**one))
     except Exception as exc:
         sec["breakdown_error"] = str(exc)[:300]
     save()

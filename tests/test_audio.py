@@ -13,6 +13,7 @@ from conftest import rel_l2
 from multitalk.errors import UserInputError
 from multitalk.media.audio import (
     SAMPLE_RATE,
+    audio_duration_s,
     combine_speakers,
     decode_audio,
     integrated_loudness,
@@ -181,6 +182,17 @@ def test_pyav_decodes_aac_containers(tmp_path, name, with_video):
     speech = load_speech(path)
     assert abs(len(speech) - SAMPLE_RATE) <= 3 * 1024 * SAMPLE_RATE / 44_100 + 1
     assert integrated_loudness(speech) == pytest.approx(-23.0, abs=0.05)
+
+
+def test_audio_duration_from_headers(tmp_path):
+    sf.write(tmp_path / "a.wav", np.zeros(24_000, np.float32), 16_000)
+    assert audio_duration_s(tmp_path / "a.wav") == pytest.approx(1.5)
+    _write_aac(tmp_path / "b.m4a", seconds=2.0)                     # PyAV: container duration
+    assert audio_duration_s(tmp_path / "b.m4a") == pytest.approx(2.0, abs=0.1)
+    (tmp_path / "c.wav").write_bytes(b"not audio")
+    with pytest.raises(UserInputError) as e:
+        audio_duration_s(tmp_path / "c.wav", field="cond_audio.person2")
+    assert e.value.field == "cond_audio.person2"
 
 
 def test_video_without_audio_track(tmp_path):

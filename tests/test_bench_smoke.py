@@ -20,8 +20,10 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 
 import bench  # noqa: E402
+import builders  # noqa: E402
+import harness  # noqa: E402
 
-CUDA_ONLY = {"floor_bf16_1spk_s", "peak_mem_gib_1spk", "forward_over_floor"}
+CUDA_ONLY = {"floor_bf16_1spk_s", "peak_mem_gib_1spk", "forward_over_floor", "int8attn_kernel_tops"}
 
 
 def _run(tmp_path: Path, *extra: str) -> dict:
@@ -36,16 +38,18 @@ def test_tiny_cpu_report_has_every_figure(tmp_path):
     report = _run(tmp_path)
     assert report["errors"] == {}, report["errors"]
     assert report["skipped"] == {"ceilings": "ceilings need CUDA"}
-    for key in ("gpu", "tokens", *bench.HEADLINE_KEYS):
+    for key in ("gpu", "tokens", *harness.HEADLINE_KEYS):
         assert key in report, key
     assert report["tokens"] == 3 * 2 * 2  # 9 frames of 32x32: 3 latent frames of 2x2 tokens
-    for key in set(bench.HEADLINE_KEYS) - CUDA_ONLY:
+    for key in set(harness.HEADLINE_KEYS) - CUDA_ONLY:
         assert math.isfinite(report[key]), (key, report[key])
     for key in ("forward_bf16_1spk_s", "forward_bf16_2spk_s", "forward_fp8_1spk_s", "diffusers_base_forward_s",
                 "clip4_total_s", "clip4_dit_s"):
         assert report[key] > 0, key
     assert 0 < report["clip4_dit_s"] < report["clip4_total_s"]
     assert 0 < report["fp8_rel_err"] < 0.1  # fp8 changes the output, but only a little
+    # the 8-bit attention (its PyTorch reference on CPU) changes it less than 1 %
+    assert 0 < report["int8attn_rel_err"] < 1e-2 and report["best_rel_err"] <= 3e-2
 
     sections = report["sections"]
     counted, analytic = sections["forward"]["flops_1spk"], sections["forward"]["flops_1spk_analytic"]
@@ -79,13 +83,13 @@ def test_unknown_section_is_refused(tmp_path):
 
 
 def test_full_size_random_layouts_load():
-    summaries = bench.check_full_size_layouts()
+    summaries = builders.check_full_size_layouts()
     assert set(summaries) == {"transformer", "umT5 text encoder", "CLIP image encoder", "vae",
                               "wav2vec2 audio encoder"}
 
 
 def test_floor_mfu_and_ratios_follow_the_measured_figures(tmp_path):
-    report = bench.Report(tmp_path, "NVIDIA H100 80GB HBM3")
+    report = harness.Report(tmp_path, "NVIDIA H100 80GB HBM3")
     report.data["sections"]["ceilings"] = {"sdpa_best_tflops": 500.0, "matmul_bf16_tflops": 800.0}
     report.data["sections"]["forward"] = {"flops_1spk": {"total": 1.5e15, "attention": 1.0e15, "other": 0.5e15}}
     report.set(forward_bf16_1spk_s=4.0, forward_bf16_2spk_s=4.4, forward_fp8_1spk_s=3.0,

@@ -102,25 +102,45 @@ def test_plans():
 # a process group with the pytest process as rank 0
 
 
+def int8_reference_dit(config, device):
+    """A servant's DiT with the 8-bit self-attention's PyTorch reference as its ``sdpa_override``."""
+    from multitalk.models.transformer import load_transformer
+    from multitalk.runtime.attention_int8 import enable_int8_self_attention
+
+    dit = load_transformer(config.ckpt_dir, device=device)
+    enable_int8_self_attention(dit, reference=True, device=device)
+    return dit
+
+
 class Groups:
-    """One engine (process group) at a time; asking for another size closes the current one."""
+    """One engine (process group) at a time; asking for another kind closes the current one."""
 
     def __init__(self, golden: Path):
         self.golden = golden
         self.engine = None
+        self.kind = None
 
-    def get(self, gpus: int):
-        from multitalk.pipeline.engine import EngineConfig
+    def get(self, gpus: int, int8_reference: bool = False):
+        from multitalk.pipeline.engine import Engine, EngineConfig
         from multitalk.pipeline.parallel import load_parallel_engine
+        from multitalk.runtime.attention_int8 import enable_int8_self_attention
 
-        if self.engine is not None and self.engine.parallel.world == gpus:
+        if self.engine is not None and self.kind == (gpus, int8_reference):
             return self.engine
         self.close()
         os.environ["MULTITALK_PARALLEL_TIMEOUT_S"] = TIMEOUT_S
         config = EngineConfig(ckpt_dir=self.golden / "weights" / "Wan2.1-I2V-tiny",
                               wav2vec_dir=self.golden / "weights" / "chinese-wav2vec2-tiny", device="cpu",
                               dtype="float32", gpus=gpus)
-        self.engine = load_parallel_engine(config)
+
+        def rank0(config, device):
+            engine = Engine.load_local(config, device=device)
+            enable_int8_self_attention(engine.transformer, reference=True, device=device)
+            return engine
+
+        self.engine = (load_parallel_engine(config, dit_factory=int8_reference_dit, engine_factory=rank0)
+                       if int8_reference else load_parallel_engine(config))
+        self.kind = (gpus, int8_reference)
         return self.engine
 
     def close(self):
@@ -184,6 +204,25 @@ def test_ulysses_forward_matches_one_process(groups, golden_vectors, case):
     assert err <= TOL
     if not uneven:
         assert rel_l2(out, v["out"]) <= 1e-5          # and the official output (golden tolerance)
+
+
+def test_ulysses_runs_a_runtime_attention_kernel_between_the_all_to_alls(groups, golden_vectors):
+    """The 8-bit self-attention (its PyTorch reference here; the Triton kernel on Hopper) is an
+    ``sdpa_override``: under Ulysses it runs inside diffusers' all-to-all on each process's heads."""
+    engine = groups.get(2, int8_reference=True)
+    v = golden_vectors("dit_2person_bbox")
+    branch = [(v["context"], v["audio"])]
+    with torch.no_grad():
+        den = _denoiser(engine, "ulysses", 1)
+        den.start_clip(branch, v["clip_fea"], v["y"], v["ref_target_masks"])
+        out = den.predict(v["x"][None], v["t"])[0]
+        den.close()
+        local = _local(engine)
+        local.start_clip(branch, v["clip_fea"], v["y"], v["ref_target_masks"])
+        ref = local.predict(v["x"][None], v["t"])[0]
+    err, vs_sdpa = rel_l2(out, ref), rel_l2(out, v["out"])
+    print(f"\nint8 reference attention, Ulysses 2 vs one process {err:.2e} (vs the float attention {vs_sdpa:.2e})")
+    assert err <= TOL and vs_sdpa > 1e-4          # the kernel really ran (8-bit q/k change the output)
 
 
 def _sample(den, v: dict, branches, params, steps: int, teacache: TeaCache | None):
@@ -384,12 +423,12 @@ def test_worker_with_two_gpus_gives_back_the_job_of_a_dead_rank(golden, examples
     """``multitalk worker --gpus 2``: rank 1 killed mid-job -> the job is queued again with the reason,
     the worker stops (exit 1, one line); the restarted worker leases the job again and finishes it."""
     from multitalk.service.config import ServiceConfig
-    from multitalk.service.store import JobStore
+    from multitalk.service.store import open_store
 
     data = tmp_path / "data"
     env = {**_env(), "MULTITALK_ALLOW_LOCAL_PATHS": "1", "MULTITALK_POLL_INTERVAL_S": "0.1",
            "MULTITALK_HEARTBEAT_S": "1"}
-    store = JobStore(ServiceConfig.from_env(env={}, data_dir=data).db_path)
+    store = open_store(ServiceConfig.from_env(env={}, data_dir=data).db_path)
     store.submit({"prompt": "a man talking", "cond_image": str(examples / "single" / "single1.png"),
                   "cond_audio": {"person1": str(examples / "single" / "1.wav")},
                   "params": {"size": "preview", "frame_num": 9, "sample_steps": 12, "max_frames": 9}})

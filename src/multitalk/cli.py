@@ -97,6 +97,7 @@ def generate(
     dtype: str = _opt("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32."),
     offload: bool = _opt(False, "--offload_model", "--offload-model", "--offload", help="Keep only the running model on the GPU."),
     fp8: bool = _opt(False, "--fp8", help="FP8 linears in the DiT (Hopper)."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa (bf16), int8 (8-bit Triton kernel, Hopper) or auto (int8 on Hopper in bf16)."),
     compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Regional torch.compile of the DiT blocks and fused VAE element-wise kernels (default: on for CUDA)."),
     gpus: Optional[int] = _opt(None, "--gpus", help="Processes (one GPU each) for the DiT: starts them itself; under torchrun, its WORLD_SIZE."),
     parallel: str = _opt("auto", "--parallel", help="With --gpus > 1: auto, ulysses (split the sequence) or cfg (guidance branches side by side)."),
@@ -116,11 +117,12 @@ def generate(
         from multitalk.runtime.parallel.group import under_torchrun
         from multitalk.ui.terminal import ProgressView
 
+        _check_attention(attention)
         if gpus is not None and gpus < 1:
             raise UserInputError("gpus", f"--gpus {gpus}", "use --gpus 1 or more")
         config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
                               preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                              compile=compile, gpus=gpus or 1, parallel=parallel)
+                              compile=compile, attention=attention, gpus=gpus or 1, parallel=parallel)
         if under_torchrun() and int(os.environ["RANK"]) != 0:
             from multitalk.pipeline.parallel import serve_from_env
 
@@ -167,7 +169,8 @@ def generate(
         try:
             where = (f"{engine.device} + {engine.parallel.world - 1} more processes, --parallel {parallel}"
                      if engine.parallel is not None else f"{engine.device}")
-            err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {where}, {engine.dtype})")
+            err.print(f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {where}, {engine.dtype}, "
+                      f"{engine.attention} attention)")
             with ProgressView(console=err, enabled=not quiet) as view:
                 result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
                                 progress=view.update)
@@ -204,7 +207,7 @@ def demo(
                  motion_frame=motion_frame, mode="streaming", sample_steps=steps, sample_shift=None,
                  text_scale=5.0, audio_scale=4.0, seed=42, n_prompt="", use_teacache=False, teacache_thresh=0.2,
                  use_apg=False, apg_momentum=-0.75, apg_norm_threshold=55.0, color_correction_strength=0.0,
-                 max_frames=None, device="cpu", dtype="float32", offload=False, fp8=False, compile=False,
+                 max_frames=None, device="cpu", dtype="float32", offload=False, fp8=False, attention="sdpa", compile=False,
                  gpus=None, parallel="auto", save_tensor=None, quiet=False, debug=debug)
 
     _run_guarded(run)
@@ -258,11 +261,20 @@ def weights_make_tiny(
     _run_guarded(run)
 
 
-def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype) -> dict:
+def _check_attention(attention: str) -> None:
+    """An unknown ``--attention`` is a one-line error before anything loads (the device check is Engine.load's)."""
+    from multitalk.runtime.attention_int8 import MODES_CLI
+
+    if attention not in MODES_CLI:
+        raise UserInputError("attention", f"unknown attention {attention!r}", f"use one of {', '.join(MODES_CLI)}")
+
+
+def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention="auto") -> dict:
     if preset is None and ckpt_dir is None:
         raise UserInputError("ckpt_dir", "no model weights given",
                              "pass --ckpt-dir and --wav2vec-dir (official folders), or --preset tiny")
-    opts = {"preset": preset, "device": device, "dtype": dtype}
+    _check_attention(attention)
+    opts = {"preset": preset, "device": device, "dtype": dtype, "attention": attention}
     for key, value in (("ckpt_dir", ckpt_dir), ("wav2vec_dir", wav2vec_dir), ("multitalk_dir", multitalk_dir)):
         if value is not None:
             opts[key] = str(value)
@@ -273,13 +285,15 @@ def _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
 def serve(
     host: str = _opt("127.0.0.1", "--host", help="Bind address (non-loopback needs MULTITALK_API_TOKENS)."),
     port: int = _opt(8000, "--port", help="TCP port."),
-    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="Job store, uploads and outputs."),
+    data_dir: Optional[Path] = _opt(None, "--data-dir", help="Uploads, outputs and the SQLite job store (default: MULTITALK_DATA_DIR or multitalk-data)."),
+    db: Optional[str] = _opt(None, "--db", help="Job store: postgresql://user:pass@host/db to share one queue between machines (default: MULTITALK_DB or SQLite in --data-dir)."),
     preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
     multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
     wav2vec_dir: Optional[Path] = _opt(None, "--wav2vec_dir", "--wav2vec-dir", help="chinese-wav2vec2-base folder."),
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """HTTP job API with one in-process worker (models loaded once)."""
@@ -289,15 +303,16 @@ def serve(
     def run():
         from multitalk.service.cli_commands import serve as serve_api
 
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
-        serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention)
+        serve_api(host=host, port=port, data_dir=data_dir, runner_options=opts, db=db)
 
     _run_guarded(run)
 
 
 @app.command()
 def worker(
-    data_dir: Path = _opt(Path("multitalk-data"), "--data-dir", help="The same data dir as the server's."),
+    data_dir: Optional[Path] = _opt(None, "--data-dir", help="The same data dir as the server's (default: MULTITALK_DATA_DIR or multitalk-data)."),
+    db: Optional[str] = _opt(None, "--db", help="The server's job store: postgresql://... (default: MULTITALK_DB or SQLite in --data-dir)."),
     preset: Optional[str] = _opt(None, "--preset", help="'tiny' for the project's small random weights."),
     ckpt_dir: Optional[Path] = _opt(None, "--ckpt_dir", "--ckpt-dir", help="Wan2.1-I2V-14B-480P folder."),
     multitalk_dir: Optional[Path] = _opt(None, "--multitalk_dir", "--multitalk-dir", help="MeiGen-MultiTalk folder."),
@@ -305,6 +320,7 @@ def worker(
     device: str = _opt("auto", "--device", help="auto, cpu, cuda ..."),
     dtype: str = _opt("auto", "--dtype", help="auto, bfloat16, float32."),
     max_jobs: Optional[int] = _opt(None, "--max-jobs", help="Exit after N jobs."),
+    attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
     gpus: int = _opt(1, "--gpus", help="GPUs this worker owns: one process each, one job at a time over all of them."),
     parallel: str = _opt("auto", "--parallel", help="With --gpus > 1: auto, ulysses or cfg (see multitalk generate)."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
@@ -318,10 +334,10 @@ def worker(
 
         if gpus < 1:
             raise UserInputError("gpus", f"--gpus {gpus}", "use --gpus 1 or more")
-        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype)
+        opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention)
         if gpus > 1:
             opts.update(gpus=gpus, parallel=parallel)
-        n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs)
+        n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs, db=db)
         out.print(f"worker processed {n} jobs")
 
     _run_guarded(run)

@@ -4,11 +4,14 @@ It stands in for the generation pipeline: it opens the fetched image with PIL, d
 input (soundfile, PyAV for other formats), "samples" ``steps`` steps (sleeping ``step_s`` each and
 honouring ``should_cancel`` before every step), then writes a short mp4 of the image with the
 mixed input audio. Prompt directives steer failures: ``[oom]`` raises torch.OutOfMemoryError at
-step 1, ``[steps=N]`` / ``[step_s=S]`` override the timing.
+step 1, ``[steps=N]`` / ``[step_s=S]`` override the timing. With ``record=<file>`` every run
+appends ``start <job> <pid>`` and ``done <job> <pid>`` lines to that file (O_APPEND: one file
+shared by several worker processes tells which process ran which job, and how often).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from fractions import Fraction
@@ -17,7 +20,6 @@ from pathlib import Path
 import av
 import numpy as np
 import soundfile as sf
-import torch
 from PIL import Image
 
 from multitalk.errors import UserInputError
@@ -51,9 +53,9 @@ def decode_audio(field: str, path: str) -> np.ndarray:
 
 class MediaRunner:
     def __init__(self, steps: int = 4, step_s: float = 0.05, load_s: float = 0.0,
-                 max_frames: int = 10, size: int = 64):
+                 max_frames: int = 10, size: int = 64, record: str | None = None):
         self.steps, self.step_s, self.load_s = steps, step_s, load_s
-        self.max_frames, self.size = max_frames, size
+        self.max_frames, self.size, self.record = max_frames, size, record
         self.loaded = False
         self.calls: list[str] = []
 
@@ -64,6 +66,7 @@ class MediaRunner:
     def run(self, request, workdir: Path, progress, should_cancel) -> dict:
         assert self.loaded, "run() before load()"
         self.calls.append(request["job_id"])
+        self._record("start", request["job_id"])
         prompt = request["prompt"]
         steps = int(_directive(prompt, "steps", self.steps))
         step_s = float(_directive(prompt, "step_s", self.step_s))
@@ -88,6 +91,8 @@ class MediaRunner:
             if should_cancel():
                 raise JobCancelled(f"cancelled before step {i + 1}")
             if "[oom]" in prompt and i == 1:
+                import torch        # here only: worker processes start seconds faster without it
+
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
             time.sleep(step_s)
             progress({"stage": "sampling", "progress": 0.9 * (i + 1) / steps,
@@ -97,8 +102,18 @@ class MediaRunner:
         seed = request["params"]["seed"]
         w = h = self.size
         write_mp4(video, image.resize((w, h)), frames, mix[: int(frames * SR / FPS)])
+        self._record("done", request["job_id"])
         return {"video_path": str(video), "frames": frames, "duration_s": frames / FPS,
                 "width": w, "height": h, "seed": seed if seed >= 0 else 7}
+
+
+    def _record(self, event: str, job_id: str) -> None:
+        if self.record:
+            fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{event} {job_id} {os.getpid()}\n".encode())
+            finally:
+                os.close(fd)
 
 
 def write_mp4(path: Path, image: Image.Image, frames: int, audio: np.ndarray) -> None:

@@ -1,7 +1,9 @@
-"""Subprocess entry of the service tests: ``run_service.py worker|api DATA_DIR SETTINGS RUNNER [PORT]``.
+"""Subprocess entry of the service tests:
+``run_service.py worker|api|serve DATA_DIR SETTINGS RUNNER [PORT]``.
 
 ``worker`` calls ``multitalk.service.cli_commands.worker`` (what ``multitalk worker`` runs);
-``api`` calls ``serve`` without an in-process worker (what ``multitalk serve`` runs).
+``api`` calls ``serve`` without an in-process worker; ``serve`` calls it with one (what
+``multitalk serve`` runs).
 """
 
 import json
@@ -15,8 +17,9 @@ role, data_dir, settings, runner_options = sys.argv[1:5]
 settings, runner_options = json.loads(settings), json.loads(runner_options)
 if role == "worker":
     worker(data_dir, "media_runner:MediaRunner", runner_options=runner_options, **settings)
-elif role == "api":
-    serve("127.0.0.1", int(sys.argv[5]), data_dir, in_process_worker=False, log_level="warning",
-          **settings)
+elif role in ("api", "serve"):
+    serve("127.0.0.1", int(sys.argv[5]), data_dir, "media_runner:MediaRunner",
+          runner_options=runner_options, in_process_worker=role == "serve",
+          log_level="warning", **settings)
 else:
     raise SystemExit(f"unknown role {role}")

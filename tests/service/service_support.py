@@ -4,6 +4,7 @@ loopback, a real moto S3 server, a webhook receiver, worker/API subprocesses.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -19,15 +20,20 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))           # media_runner for in-process and subprocess workers
 
+# the job stores the service tests run on (MULTITALK_TEST_STORES=sqlite runs one of them)
+STORES = [k.strip() for k in os.environ.get("MULTITALK_TEST_STORES", "sqlite,postgres").split(",")
+          if k.strip()]
+
 TOKEN = "test-token-1"
-WEBHOOK_SECRET = "whsec-test"
+# a Standard Webhooks secret: whsec_ + base64 of 32 bytes
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"multitalk-test-webhook-secret-32").decode()
 RUNNER = "media_runner:MediaRunner"
 
 # short leases, quick polling, few quick retries: the whole suite stays fast
 FAST = dict(lease_s=1.5, heartbeat_s=0.25, poll_interval_s=0.05, max_attempts=3,
             upload_retries=2, upload_backoff_s=0.05, webhook_retries=2, webhook_backoff_s=0.05,
             webhook_timeout_s=2.0, download_timeout_s=5.0, api_tokens=(TOKEN,),
-            webhook_secret=WEBHOOK_SECRET)
+            webhook_secret=WEBHOOK_SECRET, s3_allow=("inputs", "outputs"))
 
 
 def free_port() -> int:
@@ -73,7 +79,8 @@ class Moto:
 class Running:
     """A service (API + in-process worker) served by uvicorn in a thread on 127.0.0.1."""
 
-    def __init__(self, data_dir: Path, runner_options: dict | None = None, **overrides):
+    def __init__(self, data_dir: Path, runner_options: dict | None = None, *,
+                 in_process_worker: bool = True, token: str = TOKEN, **overrides):
         import uvicorn
 
         from multitalk.service.cli_commands import Service
@@ -81,7 +88,8 @@ class Running:
 
         cfg = ServiceConfig(data_dir=data_dir).with_overrides(**{**FAST, **overrides})
         self.config = cfg
-        self.service = Service(cfg, RUNNER, runner_options=runner_options or {})
+        self.service = Service(cfg, RUNNER, runner_options=runner_options or {},
+                               in_process_worker=in_process_worker)
         self.runner = self.service.worker.runner if self.service.worker else None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -90,13 +98,19 @@ class Running:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_for(lambda: self.server.started, 10, "uvicorn start")
-        headers = {"Authorization": f"Bearer {TOKEN}"} if cfg.api_tokens else {}
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        self.client = self.client_for(token if cfg.authenticated else None)
         self.service.start_worker()
 
-    def upload(self, path: Path) -> str:
+    def client_for(self, token: str | None) -> httpx.Client:
+        """A client of this server with ``token`` (closed with the server)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        client = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        self._clients = [*getattr(self, "_clients", []), client]
+        return client
+
+    def upload(self, path: Path, client: httpx.Client | None = None) -> str:
         with open(path, "rb") as f:
-            r = self.client.post("/v1/files", files={"file": (path.name, f)})
+            r = (client or self.client).post("/v1/files", files={"file": (path.name, f)})
         assert r.status_code == 201, r.text
         return r.json()["uri"]
 
@@ -116,7 +130,8 @@ class Running:
                         f"job {job_id} to reach {statuses}")
 
     def close(self):
-        self.client.close()
+        for client in self._clients:
+            client.close()
         self.server.should_exit = True
         self.thread.join(10)
         self.service.stop(timeout=15)
@@ -133,22 +148,35 @@ def job_body(image: str, audio1: str, audio2: str | None = None, **extra) -> dic
 
 # -- webhook receiver --------------------------------------------------------------------------
 class WebhookReceiver:
-    """Records POSTs; answers 500 to the first ``fail_first`` of them."""
+    """Records POSTs (with the time each arrived); answers 500 to the first ``fail_first`` of
+    them; sleeps ``sleep_s`` before answering (a slow receiver); with ``drip_s`` answers 200 at
+    once and then sends its body one byte a second for that long."""
 
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, sleep_s: float = 0.0, drip_s: float = 0.0):
         self.calls: list[dict] = []
-        self.fail_first = fail_first
+        self.fail_first, self.sleep_s, self.drip_s = fail_first, sleep_s, drip_s
+        self.closing = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 outer.calls.append({"body": body, "headers": dict(self.headers),
-                                    "path": self.path})
+                                    "path": self.path, "at": time.time()})
+                if outer.sleep_s and outer.closing.wait(outer.sleep_s):
+                    return
                 code = 500 if len(outer.calls) <= outer.fail_first else 200
                 self.send_response(code)
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(int(outer.drip_s)))
                 self.end_headers()
+                for _ in range(int(outer.drip_s)):
+                    try:
+                        self.wfile.write(b".")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    if outer.closing.wait(1.0):
+                        return
 
             def log_message(self, *a):
                 pass
@@ -162,6 +190,7 @@ class WebhookReceiver:
         return json.loads(self.calls[i]["body"])
 
     def close(self):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -173,7 +202,8 @@ class Proc:
     def __init__(self, role: str, data_dir: Path, port: int | None = None,
                  runner_options: dict | None = None, env: dict | None = None, **overrides):
         settings = {**FAST, **overrides}
-        settings["api_tokens"] = ",".join(settings["api_tokens"])
+        settings = {k: ",".join(v) if isinstance(v, (tuple, list)) else v
+                    for k, v in settings.items()}
         cmd = [sys.executable, str(HERE / "run_service.py"), role, str(data_dir),
                json.dumps(settings), json.dumps(runner_options or {})]
         if port is not None:
@@ -201,3 +231,14 @@ class Proc:
                 self.p.kill()
                 self.p.wait(5)
         self.log.close()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample of a Prometheus exposition (0.0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0

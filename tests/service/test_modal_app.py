@@ -13,9 +13,9 @@ import modal  # noqa: E402  (a test dependency: the deployment module must impor
 MODAL_APP = Path(__file__).resolve().parents[2] / "deploy" / "modal_app.py"
 
 
-@pytest.fixture(scope="module")
-def deployed():
-    """Import the module while recording the arguments of every ``app.function``/``app.cls``."""
+def _import(env: dict[str, str] | None = None):
+    """Import the module (deploy-time ``env``) while recording the arguments of every
+    ``app.function``/``app.cls``."""
     calls: dict[str, dict] = {}
     real_function, real_cls = modal.App.function, modal.App.cls
 
@@ -36,6 +36,10 @@ def deployed():
     mp = pytest.MonkeyPatch()
     mp.setattr(modal.App, "function", spy("function", real_function))
     mp.setattr(modal.App, "cls", spy("cls", real_cls))
+    for key in ("MULTITALK_MODAL_DB_SECRET", "MULTITALK_MODAL_MAX_CONTAINERS"):
+        mp.delenv(key, raising=False)
+    for key, value in (env or {}).items():
+        mp.setenv(key, value)
     try:
         spec = importlib.util.spec_from_file_location("multitalk_modal_app", MODAL_APP)
         module = importlib.util.module_from_spec(spec)
@@ -43,6 +47,11 @@ def deployed():
     finally:
         mp.undo()
     return module, calls
+
+
+@pytest.fixture(scope="module")
+def deployed():
+    return _import()
 
 
 def test_app_declares_download_function_and_gpu_service(deployed):
@@ -54,7 +63,7 @@ def test_app_declares_download_function_and_gpu_service(deployed):
     service = calls["MultiTalkService"]
     assert service["kind"] == "cls" and service["gpu"] == "H100"
     assert service["timeout"] >= 600 and service["startup_timeout"] >= 600
-    assert service["max_containers"] == 1                       # one SQLite store
+    assert service["max_containers"] == 1                       # SQLite mode: one container
     assert set(service["volumes"]) == {module.WEIGHTS_DIR, module.STATE_DIR}
     assert service["volumes"][module.WEIGHTS_DIR] is module.weights_volume
     assert all(isinstance(v, modal.Volume) for v in service["volumes"].values())
@@ -102,3 +111,30 @@ def test_download_fetches_only_the_needed_files(deployed):
     shard = "diffusion_pytorch_model-00003-of-00007.safetensors"
     assert any(fnmatch.fnmatch(shard, p) for p in wan)
     assert not any(fnmatch.fnmatch("xlm-roberta-large/tokenizer.json", p) for p in wan)
+
+
+def test_postgres_mode_shares_the_queue_between_containers():
+    module, calls = _import({"MULTITALK_MODAL_DB_SECRET": "multitalk-db",
+                             "MULTITALK_MODAL_MAX_CONTAINERS": "6"})
+    service = calls["MultiTalkService"]
+    assert service["max_containers"] == 6
+    assert module.db_secret in service["secrets"] and len(service["secrets"]) == 3
+    assert len(module.MultiTalkService._get_class_service_function()._spec_.secrets) == 3
+
+
+def test_sqlite_mode_snapshots_a_consistent_copy_and_restores_it(deployed, tmp_path):
+    from multitalk.service.store import open_store
+
+    module, _ = deployed
+    live, snapshot = tmp_path / "local" / "jobs.sqlite3", tmp_path / "volume" / "snap.sqlite3"
+    assert not module.restore_queue(snapshot, live)            # first start: nothing to restore
+    store = open_store(live)
+    job, _ = store.submit({"prompt": "kept"})
+    module.save_queue(store, snapshot)
+    store.submit({"prompt": "after the snapshot"})
+    store.close()
+    assert sorted(p.name for p in snapshot.parent.iterdir()) == ["snap.sqlite3"]  # no -wal
+    assert module.restore_queue(snapshot, live)                # a new container
+    restored = open_store(live)
+    assert [j["id"] for j in restored.list()[0]] == [job["id"]]
+    assert restored.lease_next("w", 30)["id"] == job["id"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from service_support import job_body, wait_for
+from service_support import job_body, metric, wait_for
 
 
 def test_cancel_running_job_stops_within_one_step_and_next_job_runs(make_service, media,
@@ -37,7 +37,8 @@ def test_cancel_running_job_stops_within_one_step_and_next_job_runs(make_service
     assert svc.runner.calls == [slow["id"], nxt["id"]]
     assert svc.client.post(f"/v1/jobs/{nxt['id']}/cancel").status_code == 409
     j = wait_for(lambda: (j := svc.job(slow["id"]))["webhook"] and j, 5, "cancel webhook")
-    assert j["webhook"]["delivered"] and hook.json(0)["status"] == "cancelled"
+    assert j["webhook"]["delivered"] and hook.json(0)["type"] == "job.cancelled"
+    assert hook.json(0)["data"]["status"] == "cancelled"
 
 
 def test_output_upload_failure_is_storage_error_and_keeps_local_video(make_service, moto, media):
@@ -63,6 +64,8 @@ def test_output_upload_failure_is_storage_error_and_keeps_local_video(make_servi
 
 def test_out_of_memory_fails_job_with_hint_and_worker_keeps_serving(make_service, media):
     svc = make_service()
+    before = metric(svc.client.get("/metrics").text, "multitalk_jobs_finished_total",
+                    status="failed")
     image, audio = svc.upload(media["image"]), svc.upload(media["audio1"])
     oom = svc.submit(job_body(image, audio, prompt="too big [oom]"))
     ok = svc.submit(job_body(image, audio))
@@ -72,13 +75,20 @@ def test_out_of_memory_fails_job_with_hint_and_worker_keeps_serving(make_service
     assert "out of memory" in job["error"]["message"]
     assert "multitalk-480" in job["error"]["hint"]
     assert svc.wait_status(ok["id"], {"succeeded", "failed"})["status"] == "succeeded"
-    assert 'multitalk_jobs_finished_total{status="failed"} 1' in svc.client.get("/metrics").text
+    after = metric(svc.client.get("/metrics").text, "multitalk_jobs_finished_total",
+                   status="failed")
+    assert after - before == 1
 
 
-def test_undecodable_audio_fails_with_bad_input(make_service, media):
-    svc = make_service()
+def test_undecodable_audio_is_refused_at_submission_or_fails_with_bad_input(make_service, media,
+                                                                            moto):
+    svc = make_service(s3_endpoint_url=moto.endpoint)
     image, bad = svc.upload(media["image"]), svc.upload(media["bad_audio"])
-    job = svc.submit(job_body(image, bad))
+    r = svc.client.post("/v1/jobs", json=job_body(image, bad))     # an upload is probed at once
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "cond_audio",
+                                                                     "person1"]
+    moto.fs().put_file(str(media["bad_audio"]), "inputs/bad.wav")   # known after the download
+    job = svc.submit(job_body(image, "s3://inputs/bad.wav"))
     done = svc.wait_status(job["id"], {"succeeded", "failed"})
     assert done["status"] == "failed"
     assert done["error"]["code"] == "bad_input"

@@ -6,9 +6,9 @@ import io
 
 import av
 import httpx
-from service_support import WEBHOOK_SECRET, job_body, wait_for
+from service_support import WEBHOOK_SECRET, job_body, metric, wait_for
 
-from multitalk.service.webhooks import SIGNATURE_HEADER, verify
+from multitalk.service import webhooks
 
 
 def _streams(data: bytes) -> dict:
@@ -26,6 +26,7 @@ def test_s3_inputs_to_s3_output_with_signed_webhook(make_service, moto, media, w
     hook = webhook_receiver(fail_first=1)          # first delivery fails: retried
     svc = make_service(s3_endpoint_url=moto.endpoint, allow_private_urls=True)
     wait_for(lambda: svc.client.get("/readyz").status_code == 200, 10, "readiness")
+    before = svc.client.get("/metrics").text       # counters are per session: compare deltas
 
     body = job_body("s3://inputs/people/face.png", "s3://inputs/people/voice1.wav",
                     "s3://inputs/people/voice2.wav", audio_type="para",
@@ -60,20 +61,24 @@ def test_s3_inputs_to_s3_output_with_signed_webhook(make_service, moto, media, w
 
     j = wait_for(delivered, 10, "webhook delivery")
     assert j["webhook"]["attempts"] == 2 and len(hook.calls) == 2
-    call = hook.calls[-1]
-    assert verify(call["body"], WEBHOOK_SECRET, call["headers"][SIGNATURE_HEADER])
-    assert not verify(call["body"], "other-secret", call["headers"][SIGNATURE_HEADER])
-    sent = hook.json(1)
-    assert sent["id"] == job["id"] and sent["status"] == "succeeded"
-    assert sent["result"]["video_uri"] == res["video_uri"]
+    assert j["webhook"]["state"] == "delivered" and j["webhook"]["status_code"] == 200
+    first, call = hook.calls
+    assert first["headers"]["webhook-id"] == call["headers"]["webhook-id"] == j["webhook"]["id"]
+    sent = webhooks.verify(WEBHOOK_SECRET, call["body"], call["headers"])
+    assert sent["type"] == "job.succeeded"
+    assert sent["data"]["id"] == job["id"] and sent["data"]["status"] == "succeeded"
+    assert sent["data"]["result"]["video_uri"] == res["video_uri"]
 
     metrics = svc.client.get("/metrics")
     assert metrics.status_code == 200
     text = metrics.text
-    assert 'multitalk_jobs{status="succeeded"} 1' in text
-    assert "multitalk_queue_depth 0" in text
-    assert 'multitalk_job_duration_seconds_count{status="succeeded"} 1' in text
-    assert "multitalk_step_duration_seconds_count 4" in text   # steps 0->1, ..., 3->4
+    assert metric(text, "multitalk_jobs", status="succeeded") == 1
+    assert metric(text, "multitalk_queue_depth") == 0
+    delta = lambda name, **kw: metric(text, name, **kw) - metric(before, name, **kw)  # noqa: E731
+    assert delta("multitalk_job_duration_seconds_count", status="succeeded") == 1
+    assert delta("multitalk_step_duration_seconds_count") == 4   # steps 0->1, ..., 3->4
+    assert delta("multitalk_webhook_attempts_total", outcome="retry") == 1
+    assert delta("multitalk_webhook_attempts_total", outcome="delivered") == 1
 
 
 def test_uploaded_files_local_output_and_listing(make_service, media):
@@ -122,4 +127,4 @@ def test_readyz_waits_for_model_loading(make_service):
     assert svc.client.get("/healthz").status_code == 200
     assert svc.client.get("/readyz").status_code == 503
     wait_for(lambda: svc.client.get("/readyz").status_code == 200, 10, "readiness")
-    assert "multitalk_ready 1" in svc.client.get("/metrics").text
+    assert metric(svc.client.get("/metrics").text, "multitalk_ready") == 1

@@ -8,7 +8,10 @@ that ``Running`` hands to ``Service``) is monkeypatched to the real runner for t
 
 Model weights: ``MULTITALK_HOME`` points at a session-scoped temporary folder, so the tiny
 folders are written there once per session (~3 s) and the tests neither read nor write the user's
-``~/.cache/multitalk`` (no dependency on a stale or half-written home cache).
+``~/.cache/multitalk`` (no dependency on a stale or half-written home cache). The engine is loaded
+once per session (``tiny_runner``) and every service of these tests, on either job store, runs
+its jobs with that one loaded runner: the tests run on SQLite and on Postgres, and loading the
+engine again for each of them would only repeat the same work.
 
 Generation is kept tiny (one 5-frame clip, 1 sampling step, the quarter-size ``preview`` bucket:
 a few seconds per job on a 2-core machine). Leases are long (60 s): the CPU-bound generation must not
@@ -61,11 +64,22 @@ def demo(tmp_path_factory) -> dict:
             "bbox": spec["bbox"], "prompt": spec["prompt"]}
 
 
+@pytest.fixture(scope="session")
+def tiny_runner(tiny_home) -> PipelineRunner:
+    """The real runner with the tiny preset, loaded once (the factory ``PIPELINE`` names)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MULTITALK_HOME", str(tiny_home))
+        module, _, name = PIPELINE.partition(":")
+        runner = getattr(__import__(module, fromlist=[name]), name)(**TINY_CPU)
+        runner.load()
+    return runner
+
+
 @pytest.fixture
-def pipeline_service(make_service, moto, monkeypatch, tiny_home, demo):
+def pipeline_service(make_service, moto, monkeypatch, tiny_home, tiny_runner, demo):
     """A ready service running the real PipelineRunner, with the demo inputs on s3://inputs/demo/."""
     monkeypatch.setenv("MULTITALK_HOME", str(tiny_home))
-    monkeypatch.setattr(service_support, "RUNNER", PIPELINE)
+    monkeypatch.setattr(service_support, "RUNNER", lambda **_options: tiny_runner)
     fs = moto.fs()
     for name in ("image", "person1", "person2", "silent"):
         fs.put_file(str(demo[name]), f"inputs/demo/{demo[name].name}")

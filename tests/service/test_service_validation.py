@@ -27,7 +27,8 @@ def _problems(r: httpx.Response) -> dict[str, str]:
 
 @pytest.mark.parametrize("params, field, words", [
     ({"frame_num": 80}, "params.frame_num", "4n+1"),
-    ({"mode": "streaming", "frame_num": 81, "motion_frame": 81}, "params", "motion_frame"),
+    ({"mode": "streaming", "frame_num": 81, "motion_frame": 81}, "params.motion_frame",
+     "smaller than frame_num"),
     ({"sample_steps": 0}, "params.sample_steps", "greater than or equal to 1"),
     ({"size": "multitalk-1080"}, "params.size", "multitalk-480"),
     ({"mode": "streaming", "max_frames": 0}, "params.max_frames", "greater than or equal to 1"),
@@ -62,6 +63,8 @@ def test_bad_request_shapes_are_422(svc, uploaded):
     ("http://169.254.169.254/latest/meta-data/", "non-public"),
     ("http://10.0.0.8/voice.wav", "non-public"),
     ("http://[::1]/voice.wav", "non-public"),
+    ("http://[2002:7f00:1::1]/voice.wav", "wrapped in 2002:7f00:1::1"),        # 6to4
+    ("http://[64:ff9b::a9fe:a9fe]/voice.wav", "wrapped in 64:ff9b::a9fe:a9fe"),  # NAT64
     ("file:///etc/passwd", "server-local paths are not allowed"),
     ("/etc/passwd", "server-local paths are not allowed"),
     ("ftp://example.com/voice.wav", "unsupported URI"),
@@ -69,6 +72,7 @@ def test_bad_request_shapes_are_422(svc, uploaded):
     ("s3://bucket/a/./b.wav", "traversal"),
     ("upload://../../jobs.sqlite3", "not an upload URI"),
     ("upload://0123456789abcdef0123456789abcdef.wav", "does not exist"),
+    ("s3://inputs/x//y.wav", "empty segment"),
 ])
 def test_unsafe_or_unknown_media_uris_are_refused(svc, uploaded, uri, words):
     image, _ = uploaded
@@ -90,13 +94,13 @@ def test_unsafe_webhook_and_output_are_refused(svc, uploaded):
     assert "traversal" in problems["output"]
 
 
-def test_local_paths_only_when_allowed(make_service, media):
-    svc = make_service(allow_local_paths=True)
+def test_local_paths_only_under_local_root(make_service, media):
+    svc = make_service(local_root=media["image"].parent)
     job = svc.submit(job_body(str(media["image"]), f"file://{media['audio1']}"))
     assert svc.wait_status(job["id"], {"succeeded", "failed"})["status"] == "succeeded"
     problems = _problems(svc.client.post("/v1/jobs", json=job_body(
         str(media["image"]), "/no/such/file.wav")))
-    assert "is not a file" in problems["cond_audio.person1"]
+    assert "does not exist or this server may not read it" in problems["cond_audio.person1"]
 
 
 def test_upload_size_limit(svc, tmp_path):

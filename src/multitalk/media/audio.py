@@ -52,6 +52,38 @@ def decode_audio(path: str | os.PathLike, field: str = "cond_audio") -> tuple[np
     return samples, rate
 
 
+def audio_duration_s(path: str | os.PathLike, field: str = "cond_audio") -> float:
+    """Length of the audio in seconds, from the container's header where it has one (no full
+    decode); decoded and counted otherwise. Undecodable files raise a :class:`UserInputError`."""
+    path = Path(path)
+    try:
+        import soundfile as sf
+
+        info = sf.info(str(path))
+        if info.samplerate > 0 and info.frames > 0:
+            return info.frames / info.samplerate
+    except Exception:  # noqa: BLE001 - not a soundfile format: PyAV below
+        pass
+    import av
+
+    try:
+        container = av.open(str(path))
+    except Exception as exc:
+        raise UserInputError(field, f"cannot decode {path.name} as audio ({type(exc).__name__})",
+                             _FORMATS_HINT) from None
+    with container:
+        if not container.streams.audio:
+            raise UserInputError(field, f"cannot decode {path.name}: it has no audio track",
+                                 _FORMATS_HINT)
+        stream = container.streams.audio[0]
+        if stream.duration is not None and stream.time_base is not None:
+            return float(stream.duration * stream.time_base)
+        if container.duration is not None:
+            return container.duration / av.time_base
+    samples, rate = _decode_pyav(path, field)
+    return len(samples) / rate
+
+
 def _decode_soundfile(path: Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 

@@ -35,7 +35,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models._modeling_parallel import ContextParallelInput
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.attention import AttentionModuleMixin
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import _templated_context_parallel_attention, dispatch_attention_fn
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import (WanAttention, WanRotaryPosEmbed,
                                                            WanTimeTextImageEmbedding,
@@ -152,14 +152,32 @@ class MultiTalkSelfAttnProcessor:
             if rotary_emb is not None:
                 query = _apply_rotary(query, *rotary_emb)
                 key = _apply_rotary(key, *rotary_emb)
-        if self.sdpa_override is not None and attention_mask is None and self._parallel_config is None:
-            out = self.sdpa_override(attn, query, key, value)
+        if self.sdpa_override is not None and attention_mask is None:
+            if self._parallel_config is None:
+                out = self.sdpa_override(attn, query, key, value)
+            else:  # the runtime kernel inside diffusers' Ulysses all-to-all (heads <-> tokens)
+                out = _templated_context_parallel_attention(
+                    query, key, value, None, 0.0, False, None, False, False,
+                    forward_op=_override_op(self.sdpa_override, attn), backward_op=None,
+                    _parallel_config=self._parallel_config)
         else:
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                         backend=self._attention_backend, parallel_config=self._parallel_config)
         out = attn.to_out[0](out.flatten(2, 3).type_as(query))
         out = attn.to_out[1](out)
         return (out, query, key) if return_qk else out
+
+
+def _override_op(override, attn):
+    """A runtime attention kernel (``sdpa_override``) as the ``forward_op`` of diffusers' templated
+    context-parallel attention: it then runs on the full sequence of this process's heads."""
+    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+        if return_lse:
+            raise ValueError("the runtime attention kernel returns no log-sum-exp")
+        return override(attn, query, key, value)
+
+    return forward_op
 
 
 def self_attention_processors(model: nn.Module) -> list[MultiTalkSelfAttnProcessor]:

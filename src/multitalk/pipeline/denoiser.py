@@ -10,6 +10,8 @@ branch inputs, then :meth:`predict` returns each branch's noise prediction for a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from multitalk.pipeline.teacache import TeaCache
@@ -41,11 +43,17 @@ def dit_call(dit, x, t, context, clip_fea, y, audio, ref_masks, teacache: TeaCac
     return dit.finish(state, hidden)
 
 
-class LocalDenoiser:
-    """Every branch of a step on this process, in the official call order."""
+def _untimed(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
-    def __init__(self, dit, teacache: TeaCache | None = None):
+
+class LocalDenoiser:
+    """Every branch of a step on this process, in the official call order. ``stage("dit")`` is
+    entered around each DiT call (``generate``'s timing hook)."""
+
+    def __init__(self, dit, teacache: TeaCache | None = None, stage=None):
         self.dit, self.teacache = dit, teacache
+        self.stage = stage or _untimed
         self._clip = None
 
     def start_clip(self, branches: list[tuple[torch.Tensor, torch.Tensor]], clip_fea: torch.Tensor,
@@ -54,8 +62,12 @@ class LocalDenoiser:
 
     def predict(self, x_in: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
         branches, clip_fea, y, ref_masks = self._clip
-        return [dit_call(self.dit, x_in, t, ctx, clip_fea, y, aud, ref_masks, self.teacache, b).float()[0]
-                for b, (ctx, aud) in enumerate(branches)]
+        preds = []
+        for b, (ctx, aud) in enumerate(branches):
+            with self.stage("dit"):
+                preds.append(dit_call(self.dit, x_in, t, ctx, clip_fea, y, aud, ref_masks, self.teacache, b
+                                      ).float()[0])
+        return preds
 
     def close(self) -> None:
         self._clip = None

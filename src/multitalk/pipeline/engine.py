@@ -37,6 +37,8 @@ class EngineConfig:
     compile: bool | None = None        # regional torch.compile of the DiT blocks + fused VAE element-wise
                                        # chains (runtime.vae_fusion); None: on for CUDA
     attention_backend: str | None = None  # diffusers attention backend name, e.g. "_native_cudnn"
+    attention: str = "auto"            # DiT self-attention: "sdpa" (the attention backend, bf16), "int8"
+                                       # (runtime.attention_int8, Hopper), "auto": int8 on Hopper in bf16
     gpus: int = 1                      # processes (one GPU each) for the DiT; >1: pipeline.parallel
     parallel: str = "auto"             # with gpus > 1: "auto", "ulysses" or "cfg" (runtime.parallel.plan)
 
@@ -74,6 +76,7 @@ class Engine:
     dtype: torch.dtype
     placement: Placement
     load_seconds: dict = field(default_factory=dict)
+    attention: str = "sdpa"            # the self-attention installed: "sdpa" or "int8"
     parallel: object | None = None     # pipeline.parallel.ParallelRuntime with several processes
 
     def close(self) -> None:
@@ -99,17 +102,18 @@ class Engine:
         from multitalk.models.audio_encoder import AudioEncoder
         from multitalk.models.image_encoder import ImageEncoder
         from multitalk.models.text_encoder import TextEncoder
+        from multitalk.models.transformer import load_transformer
         from multitalk.models.vae import WanVAE
+        from multitalk.runtime.attention_int8 import select_self_attention
 
-        ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
         device = device if device is not None else resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        select_self_attention(config.attention, device, dtype)  # a bad choice fails before any file is touched
+        ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
         vae_dtype = resolve_dtype(config.vae_dtype, device)
         arch = detect_architecture(ckpt_dir)
-        placement = Placement(device, offload=config.offload)
-        configure_backends(device)
         # With offload, models live on the CPU and are onloaded per use.
-        home = torch.device("cpu") if placement.offload else device
+        home = torch.device("cpu") if config.offload and device.type != "cpu" else device
         timings = {}
 
         def timed(name, fn):
@@ -123,35 +127,75 @@ class Engine:
         image = timed("image_encoder", lambda: ImageEncoder.from_checkpoint(ckpt_dir, arch, device=home, dtype=dtype))
         vae = timed("vae", lambda: WanVAE.from_checkpoint(ckpt_dir, arch, device=home, dtype=vae_dtype))
         audio = timed("audio_encoder", lambda: AudioEncoder.from_pretrained(w2v_dir, device=home, dtype=torch.float32))
-        dit = timed("transformer", lambda: load_dit(config, ckpt_dir, mt_dir, arch, home, device, dtype))
+        dit = timed("transformer", lambda: load_transformer(ckpt_dir, mt_dir, arch, device=home, dtype=dtype))
+        return cls.from_components(arch, text_encoder=text, image_encoder=image, vae=vae, audio_encoder=audio,
+                                   transformer=dit, config=config, load_seconds=timings, device=device)
+
+    @classmethod
+    def from_components(cls, arch: Architecture, *, text_encoder, image_encoder, vae, audio_encoder,
+                        transformer: torch.nn.Module, config: EngineConfig | None = None,
+                        load_seconds: dict | None = None, device: torch.device | None = None) -> "Engine":
+        """An engine around models already built (by :meth:`load`, or the benchmark's random
+        full-size ones), with ``config``'s runtime choices applied as :meth:`load` applies them:
+        device placement, backend settings, fp8, attention backend, the 8-bit self-attention
+        (``config.attention``), and on CUDA (or with
+        ``compile=True``) the fused DiT / VAE operations and the DiT blocks' regional compile.
+        Each of these is skipped where the model already has it (a DiT compiled beforehand is not
+        compiled again). ``device`` overrides ``config.device`` (rank 0 of a multi-GPU engine)."""
+        config = config or EngineConfig()
+        device = device if device is not None else resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        placement = Placement(device, offload=config.offload)
+        configure_backends(device)
+        dit, attention = prepare_dit(transformer, config, device, dtype)
         if compiles(config, device):
             from multitalk.runtime.vae_fusion import fuse_vae
 
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
-        return cls(arch, text, image, vae, audio, dit, device, dtype, placement, timings)
+        return cls(arch, text_encoder, image_encoder, vae, audio_encoder, dit, device, dtype, placement,
+                   load_seconds if load_seconds is not None else {}, attention)
 
 
 def compiles(config: EngineConfig, device: torch.device) -> bool:
     return bool(config.compile or (config.compile is None and device.type == "cuda"))
 
 
-def load_dit(config: EngineConfig, ckpt_dir, mt_dir, arch: Architecture, home: torch.device, device: torch.device,
-             dtype: torch.dtype) -> torch.nn.Module:
-    """The DiT as the engine runs it: streamed onto ``home``, fp8 / attention backend / fusions /
-    regional compile as ``config`` asks (also what each servant process of a multi-GPU engine loads)."""
-    from multitalk.models.transformer import load_transformer
+def prepare_dit(transformer: torch.nn.Module, config: EngineConfig, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+    """The DiT's runtime choices of ``config`` (fp8, attention backend, 8-bit self-attention, fused
+    ops, regional compile), as the engine runs it; also what each servant process of a multi-GPU
+    engine applies to its own DiT. Returns ``(dit, self-attention installed)``."""
+    from multitalk.runtime.attention_int8 import select_self_attention
 
-    dit = load_transformer(ckpt_dir, mt_dir, arch, device=home, dtype=dtype)
-    dit.eval().requires_grad_(False)
+    attention = select_self_attention(config.attention, device, dtype)
+    dit = transformer.eval().requires_grad_(False)
     if config.fp8:
         from multitalk.runtime.fp8 import quantize_linears_fp8
 
         quantize_linears_fp8(dit)
     if config.attention_backend:
         dit.set_attention_backend(config.attention_backend)
+    if attention == "int8":
+        from multitalk.runtime.attention_int8 import enable_int8_self_attention
+
+        enable_int8_self_attention(dit, device=device)  # int8 Q·Kᵀ + bf16 P·V Triton kernel in every block's self-attention
     if compiles(config, device):
         from multitalk.runtime.dit_fusion import fuse_dit
 
         fuse_dit(dit, device=device)  # GELU in the GEMM epilogue, q/k norm + RoPE kernel (CUDA)
-        dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
-    return dit
+        if not _blocks_compiled(dit):
+            dit.compile_repeated_blocks(fullgraph=False, dynamic=False)
+    return dit, attention
+
+
+def load_dit(config: EngineConfig, ckpt_dir, mt_dir, arch: Architecture, device: torch.device,
+             dtype: torch.dtype) -> torch.nn.Module:
+    """The DiT streamed onto ``device`` and prepared as the engine runs it (a servant's load)."""
+    from multitalk.models.transformer import load_transformer
+
+    return prepare_dit(load_transformer(ckpt_dir, mt_dir, arch, device=device, dtype=dtype), config, device, dtype)[0]
+
+
+def _blocks_compiled(dit: torch.nn.Module) -> bool:
+    """Whether the DiT's blocks are already compiled (``nn.Module.compile`` keeps the compiled call)."""
+    return any(getattr(block, "_compiled_call_impl", None) is not None for block in getattr(dit, "blocks", []))

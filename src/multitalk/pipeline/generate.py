@@ -10,6 +10,7 @@ are listed in the README ("Differences from the official script").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -138,12 +139,27 @@ def prepare_conditions(engine: Engine, spec: InputSpec, params: GenerationParams
                       media.cond_image, media.ref_masks, media.height, media.width)
 
 
+StageHook = Callable[[str], contextlib.AbstractContextManager]
+
+
+def _untimed(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
              on_frames: Callable[[torch.Tensor], None],
              progress: Callable[[Progress], None] | None = None,
              should_cancel: Callable[[], bool] | None = None,
-             conditions: Conditions | None = None) -> GenerationResult:
-    """Sample the video; ``on_frames([3, n, H, W] float32 in [-1,1])`` receives new frames per clip."""
+             conditions: Conditions | None = None,
+             stages: StageHook | None = None) -> GenerationResult:
+    """Sample the video; ``on_frames([3, n, H, W] float32 in [-1,1])`` receives new frames per clip.
+
+    ``stages(name)``, if given, is entered around every piece of work of each clip, for timing
+    (the benchmark's per-stage breakdown): ``clip_encode``, ``vae_encode``, ``dit`` (each
+    transformer call), ``vae_decode`` (the production of each decoded chunk) and
+    ``color_correction``; ``on_frames`` runs outside them.
+    """
+    stage = stages or _untimed
     t_start = time.perf_counter()
     report = progress or (lambda p: None)
     cancelled = should_cancel or (lambda: False)
@@ -173,8 +189,8 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
     teacache = (TeaCache(steps, params.teacache_thresh, params.size, branches=guidance_branches)
                 if params.use_teacache else None)
     dit = engine.transformer
-    denoiser = (engine.parallel.denoiser(dit, params, teacache, guidance_branches) if engine.parallel is not None
-                else LocalDenoiser(dit, teacache))
+    denoiser = (engine.parallel.denoiser(dit, params, teacache, guidance_branches, stage=stage)
+                if engine.parallel is not None else LocalDenoiser(dit, teacache, stage=stage))
     cond_frames = reference                         # [3, n_cond, H, W]
     written = 0
     n_clips = len(plan.clips)
@@ -189,9 +205,9 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
             audio = plan.audio_windows(audio_embs, clip).to(device, dtype)
             noise = torch.randn(16, t_lat, lat_h, lat_w, dtype=torch.float32, device=device)
             with torch.no_grad():
-                with engine.placement.use(engine.image_encoder):
+                with engine.placement.use(engine.image_encoder), stage("clip_encode"):
                     clip_fea = engine.image_encoder.encode(cond_frames[:, -1]).to(device, dtype)
-                with engine.placement.use(engine.vae):
+                with engine.placement.use(engine.vae), stage("vae_encode"):
                     y_lat = engine.vae.encode(padded_condition_video(cond_frames, frame_num).to(device)).to(device)
                 latent_motion = y_lat[:, :motion_latent_frames(n_cond)].float()
                 msk = frame_mask(frame_num, n_cond, lat_h, lat_w, device=device)
@@ -227,8 +243,14 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
                 emit_end = clip.keep_from + max(0, min(frame_num - clip.keep_from, plan.total_frames - written))
                 parts, f0 = [], 0
                 with engine.placement.use(engine.vae):
-                    for chunk in engine.vae.decode_chunks(latent):       # [3, n, H, W] float32
-                        chunk = colour(chunk[None])[0]                     # as is at strength 0
+                    chunks = iter(engine.vae.decode_chunks(latent))
+                    while True:
+                        with stage("vae_decode"):
+                            chunk = next(chunks, None)                     # [3, n, H, W] float32
+                        if chunk is None:
+                            break
+                        with stage("color_correction"):
+                            chunk = colour(chunk[None])[0]                 # as is at strength 0
                         parts.append(chunk)
                         f1 = f0 + chunk.shape[1]
                         lo, hi = max(f0, clip.keep_from), min(f1, emit_end)

@@ -62,6 +62,11 @@ def _problem(err: dict) -> tuple[str, str, str | None]:
     return field, msg, _FIXES.get(field.split(".")[0])
 
 
+def validation_fix(field: str) -> str | None:
+    """How to fix a bad value of a generation option or input field (None if nothing to say)."""
+    return _FIXES.get(field.split(".")[0])
+
+
 def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
     """``(dotted field, message)`` per pydantic error (``loc`` joined with dots)."""
     return [_problem(err)[:2] for err in exc.errors()]
@@ -236,7 +241,7 @@ def load_input_json(path: str | os.PathLike) -> tuple[InputSpec, list[str]]:
 class GenerationParams(BaseModel):
     """Every generation option, with the official CLI names, meanings and defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     size: Literal["multitalk-480", "multitalk-720", "preview"] = "multitalk-480"  # aspect-ratio bucket table
     frame_num: int = 81            # frames per clip, 4n+1
@@ -249,8 +254,8 @@ class GenerationParams(BaseModel):
         "text_guide_scale", "sample_text_guide_scale"))
     audio_guide_scale: float = Field(4.0, ge=0, validation_alias=AliasChoices(
         "audio_guide_scale", "sample_audio_guide_scale"))
-    seed: int = Field(42, ge=-1, validation_alias=AliasChoices(
-        "seed", "base_seed"))   # -1: a random seed is drawn at validation
+    seed: int = Field(42, ge=-1, le=2**63 - 1, validation_alias=AliasChoices(
+        "seed", "base_seed"))   # -1: a random seed is drawn at validation (seed_drawn)
     n_prompt: str = ""             # "" -> the official negative prompt
     use_teacache: bool = False
     teacache_thresh: float = Field(0.2, gt=0)
@@ -262,6 +267,7 @@ class GenerationParams(BaseModel):
     face_scale: float = Field(0.05, ge=0, lt=0.5)  # margin of the default two-speaker boxes
     offload_model: bool = False    # keep only the running model on the GPU
     official_trim: bool = False    # reproduce the official final cut (see pipeline/clips.py)
+    _seed_drawn: bool = PrivateAttr(False)
 
     @field_validator("frame_num")
     @classmethod
@@ -277,7 +283,13 @@ class GenerationParams(BaseModel):
                                  f"({self.frame_num}) in streaming mode", _FIXES["motion_frame"])
         if self.seed < 0:
             self.seed = random.randint(0, 99_999_999)  # the official range
+            self._seed_drawn = True
         return self
+
+    @property
+    def seed_drawn(self) -> bool:
+        """True when ``seed`` was -1 and a random one was drawn."""
+        return self._seed_drawn
 
     @property
     def shift(self) -> float:

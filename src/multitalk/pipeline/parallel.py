@@ -24,6 +24,7 @@ itself; rank 0 sends the decisions, and each process keeps the residuals of the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ import torch
 
 from multitalk.errors import ParallelError, UserInputError
 from multitalk.pipeline.denoiser import dit_call
-from multitalk.pipeline.engine import Engine, EngineConfig, load_dit
+from multitalk.pipeline.engine import Engine, EngineConfig, load_dit, prepare_dit
 from multitalk.pipeline.teacache import TeaCache
 from multitalk.runtime.parallel.channel import broadcast_message, recv_tensor, send_tensor
 from multitalk.runtime.parallel.group import ParallelGroup, under_torchrun
@@ -112,8 +113,8 @@ class ParallelRuntime:
     def plan(self, branches: int) -> ParallelPlan:
         return choose_plan(self.mode, self.group.world, branches, self.heads)
 
-    def denoiser(self, dit, params, teacache: TeaCache | None, branches: int) -> "ParallelDenoiser":
-        return ParallelDenoiser(self, dit, self.plan(branches), teacache)
+    def denoiser(self, dit, params, teacache: TeaCache | None, branches: int, stage=None) -> "ParallelDenoiser":
+        return ParallelDenoiser(self, dit, self.plan(branches), teacache, stage)
 
     def layouts(self, plan: ParallelPlan) -> Layouts:
         return _layouts(self._layouts, plan, self.group, self.heads)
@@ -131,8 +132,9 @@ def _layouts(cache: dict, plan: ParallelPlan, group: ParallelGroup, heads: int) 
 class ParallelDenoiser:
     """Rank 0's side of :class:`~multitalk.pipeline.denoiser.LocalDenoiser` over several processes."""
 
-    def __init__(self, runtime: ParallelRuntime, dit, plan: ParallelPlan, teacache: TeaCache | None):
+    def __init__(self, runtime: ParallelRuntime, dit, plan: ParallelPlan, teacache: TeaCache | None, stage=None):
         self.runtime, self.group, self.dit, self.plan, self.teacache = runtime, runtime.group, dit, plan, teacache
+        self.stage = stage or (lambda name: contextlib.nullcontext())   # "dit": a whole step's DiT work here
         with self.group.guard("starting the job"):
             self.group.post_job(Job(plan, teacache is not None))
             self.executor = BranchExecutor(dit, 0, plan, runtime.layouts(plan))
@@ -155,7 +157,7 @@ class ParallelDenoiser:
                 if decision:
                     self.teacache.note_residual(b)
                 compute.append(decision)
-        with self.group.guard("a sampling step"):
+        with self.group.guard("a sampling step"), self.stage("dit"):
             message = broadcast_message({"op": "step", "x": x_in, "t": t, "compute": compute}, self.group.device)
             preds = self.executor.step(message["x"], message["t"], compute)
         return [preds[b] for b in range(self.plan.branches)]
@@ -187,9 +189,15 @@ def _run_job(group: ParallelGroup, dit, job: Job, cache: dict, heads: int) -> No
                 raise ParallelError(f"unknown message {op!r} from rank 0")
 
 
-def serve(group: ParallelGroup, config: EngineConfig, concurrency: int = 1) -> None:
-    """A servant's life: load this rank's DiT (in turn), then run jobs until rank 0 says stop."""
-    dit, heads = _load_servant_dit(group, config, concurrency)
+def serve(group: ParallelGroup, config: EngineConfig, concurrency: int = 1, dit_factory=None) -> None:
+    """A servant's life: load this rank's DiT (in turn), then run jobs until rank 0 says stop.
+
+    ``dit_factory(config, device) -> model`` (a module-level function) builds the DiT instead of
+    loading ``config``'s folders (the benchmark's random full-size weights); either way the
+    engine's runtime choices (``prepare_dit``: fp8, 8-bit attention, fusions, compile) follow.
+    """
+    dit = _load_servant_dit(group, config, concurrency, dit_factory)
+    heads = dit.config.num_attention_heads
     cache: dict = {}
     while True:
         job = group.next_job()
@@ -198,11 +206,7 @@ def serve(group: ParallelGroup, config: EngineConfig, concurrency: int = 1) -> N
         _run_job(group, dit, job, cache, heads)
 
 
-def _load_servant_dit(group: ParallelGroup, config: EngineConfig, concurrency: int):
-    ckpt_dir, _w2v, mt_dir = config.resolved_dirs()
-    from multitalk.models.architecture import detect_architecture
-
-    arch = detect_architecture(ckpt_dir)
+def _load_servant_dit(group: ParallelGroup, config: EngineConfig, concurrency: int, dit_factory=None):
     dtype = resolve_dtype(config.dtype, group.device)
     # staggered: at most ``concurrency`` servants stream their weights at once (host RAM, disk)
     wait_for = group.rank - concurrency
@@ -211,29 +215,37 @@ def _load_servant_dit(group: ParallelGroup, config: EngineConfig, concurrency: i
         while not group.control.check([key]):
             time.sleep(0.1)
     t0 = time.perf_counter()
-    dit = load_dit(config, ckpt_dir, mt_dir, arch, group.device, group.device, dtype)
+    if dit_factory is None:
+        from multitalk.models.architecture import detect_architecture
+
+        ckpt_dir, _w2v, mt_dir = config.resolved_dirs()
+        dit = load_dit(config, ckpt_dir, mt_dir, detect_architecture(ckpt_dir), group.device, dtype)
+    else:
+        dit = prepare_dit(dit_factory(config, group.device), config, group.device, dtype)[0]
     group.control.set(f"loaded/{group.rank}", f"{time.perf_counter() - t0:.3f}")
     group.control.set(f"ready/{group.rank}", str(time.time()))
-    return dit, arch.dit.num_heads
+    return dit
 
 
 # ----------------------------------------------------------------------------------------------
 # rank 0
 
 
-def load_parallel_engine(config: EngineConfig) -> Engine:
+def load_parallel_engine(config: EngineConfig, *, dit_factory=None, engine_factory=None) -> Engine:
     """This process becomes rank 0 of ``config.gpus`` processes (it starts the others), or of a
     ``torchrun`` launch (whose other ranks call :func:`serve_from_env`); returns rank 0's
-    :class:`Engine` with ``engine.parallel`` set, once every process has loaded its DiT."""
+    :class:`Engine` with ``engine.parallel`` set, once every process has loaded its DiT.
+
+    ``engine_factory(config, device) -> Engine`` builds rank 0's engine instead of
+    ``Engine.load_local`` and ``dit_factory`` the servants' DiTs (see :func:`serve`): the
+    benchmark's random full-size models."""
     if config.offload:
         raise UserInputError("offload_model", "offloading is not available with several GPUs",
                              "drop --offload_model (each GPU holds one DiT) or use --gpus 1")
     if config.parallel not in ("auto", "ulysses", "cfg"):
         raise UserInputError("parallel", f"unknown mode {config.parallel!r}", "use auto, ulysses or cfg")
-    ckpt_dir, _w2v, _mt = config.resolved_dirs()
-    from multitalk.models.architecture import detect_architecture
-
-    heads = detect_architecture(ckpt_dir).dit.num_heads
+    if dit_factory is None:
+        config.resolved_dirs()                  # a missing folder is the user's error, before any process starts
     base = resolve_device(config.device)
     concurrency = max(1, int(os.environ.get(LOAD_CONCURRENCY_ENV, "1")))
     if under_torchrun():
@@ -249,13 +261,13 @@ def load_parallel_engine(config: EngineConfig) -> Engine:
             raise UserInputError("gpus", f"{config.gpus} GPUs", "use --gpus 2 or more for a multi-GPU engine")
         # CPU processes share the cores: each servant gets its share (rank 0 keeps its own setting)
         threads = max(1, torch.get_num_threads() // config.gpus) if base.type == "cpu" else None
-        group = ParallelGroup.start(config.gpus, base, serve, (config, concurrency), threads=threads)
+        group = ParallelGroup.start(config.gpus, base, serve, (config, concurrency, dit_factory), threads=threads)
     try:
         t0 = time.perf_counter()
-        engine = Engine.load_local(config, device=group.device)
+        engine = (engine_factory or Engine.load_local)(config, device=group.device)
         _wait_ready(group)
         engine.load_seconds["parallel_ready"] = time.perf_counter() - t0
-        engine.parallel = ParallelRuntime(group, config.parallel, heads)
+        engine.parallel = ParallelRuntime(group, config.parallel, engine.transformer.config.num_attention_heads)
         return engine
     except BaseException:
         group.close()

@@ -21,12 +21,12 @@ class PipelineRunner:
     def __init__(self, ckpt_dir: str | None = None, wav2vec_dir: str | None = None,
                  multitalk_dir: str | None = None, preset: str | None = None, device: str = "auto",
                  dtype: str = "auto", offload: bool = False, fp8: bool = False, compile: bool | None = None,
-                 gpus: int = 1, parallel: str = "auto"):
+                 attention: str = "auto", gpus: int = 1, parallel: str = "auto"):
         self.config = EngineConfig(ckpt_dir=Path(ckpt_dir) if ckpt_dir else None,
                                    wav2vec_dir=Path(wav2vec_dir) if wav2vec_dir else None,
                                    multitalk_dir=Path(multitalk_dir) if multitalk_dir else None,
                                    preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
-                                   compile=compile, gpus=gpus, parallel=parallel)
+                                   compile=compile, attention=attention, gpus=gpus, parallel=parallel)
         self.engine: Engine | None = None
         self._lock = threading.Lock()
 

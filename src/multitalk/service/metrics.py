@@ -1,100 +1,105 @@
-"""Prometheus text exposition without a client library.
+"""Prometheus metrics through ``prometheus_client`` in multiprocess mode.
 
-Queue depth and jobs by status come from the store at scrape time (true across processes);
-durations and counters are those observed by this process's workers.
+Every service process of a machine (the API and each ``multitalk worker``) writes its counters and
+histograms into one folder (``PROMETHEUS_MULTIPROC_DIR``, else ``MULTITALK_METRICS_DIR``, else
+``data_dir/metrics``); ``/metrics`` adds them up across processes, so the API shows the durations
+of jobs that ran in separate worker processes. Counters are totals since the folder was created
+(they include processes that have exited; Prometheus handles restarts of a counter).
+
+Queue depth, jobs by status and readiness are read at scrape time (from the store, which every
+machine shares, and from this process).
 """
 
 from __future__ import annotations
 
-import threading
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+log = logging.getLogger(__name__)
 
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 JOB_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_metrics: "Metrics | None" = None
 
 
-class Histogram:
-    def __init__(self, name: str, help_: str, buckets: tuple[float, ...]):
-        self.name, self.help, self.buckets = name, help_, buckets
-        self._lock = threading.Lock()
-        self._series: dict[tuple, list] = {}   # labels -> [bucket counts..., sum, count]
-
-    def observe(self, value: float, **labels) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            s = self._series.setdefault(key, [0] * len(self.buckets) + [0.0, 0])
-            for i, b in enumerate(self.buckets):
-                if value <= b:
-                    s[i] += 1
-            s[-2] += value
-            s[-1] += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        with self._lock:
-            for key, s in sorted(self._series.items()):
-                for i, b in enumerate(self.buckets):
-                    lines.append(f"{self.name}_bucket{_labels(key, le=_num(b))} {s[i]}")
-                lines.append(f"{self.name}_bucket{_labels(key, le='+Inf')} {s[-1]}")
-                lines.append(f"{self.name}_sum{_labels(key)} {s[-2]:.6f}")
-                lines.append(f"{self.name}_count{_labels(key)} {s[-1]}")
-        return lines
-
-
-class Counter:
-    def __init__(self, name: str, help_: str):
-        self.name, self.help = name, help_
-        self._lock = threading.Lock()
-        self._values: dict[tuple, float] = {}
-
-    def inc(self, amount: float = 1.0, **labels) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        with self._lock:
-            lines += [f"{self.name}{_labels(k)} {_num(v)}" for k, v in sorted(self._values.items())]
-        return lines
+def multiprocess_dir(default: Path) -> Path:
+    """Switch this process to multiprocess mode (once; the first folder stays) and return the
+    folder. ``PROMETHEUS_MULTIPROC_DIR`` wins over ``default``."""
+    if _ENV not in os.environ:
+        os.environ[_ENV] = str(default)
+    path = Path(os.environ[_ENV])
+    path.mkdir(parents=True, exist_ok=True)
+    if values.ValueClass is values.MutexValue:
+        # prometheus_client picks its value class when it is imported; a process that imported
+        # it before the variable was set switches here, before any metric of ours exists
+        values.ValueClass = values.MultiProcessValue()
+    return path
 
 
 class Metrics:
-    """All metrics of one service process."""
+    """The metrics of this process (one instance per process: see :func:`process_metrics`)."""
 
     def __init__(self):
+        # not registered anywhere: in multiprocess mode the values live in the folder's files
         self.step_seconds = Histogram("multitalk_step_duration_seconds",
-                                      "Duration of one sampling step.", STEP_BUCKETS)
+                                      "Duration of one sampling step.", buckets=STEP_BUCKETS,
+                                      registry=None)
         self.job_seconds = Histogram("multitalk_job_duration_seconds",
                                      "Wall time of a job attempt from lease to finish.",
-                                     JOB_BUCKETS)
-        self.jobs_finished = Counter("multitalk_jobs_finished_total",
-                                     "Jobs finished by this process's workers, by status.")
-        self.upload_failures = Counter("multitalk_output_upload_failures_total",
-                                       "Output uploads that failed after all retries.")
-        self.webhook_failures = Counter("multitalk_webhook_failures_total",
-                                        "Webhooks that could not be delivered.")
-
-    def render(self, counts: dict[str, int], *, ready: bool) -> str:
-        lines = ["# HELP multitalk_queue_depth Jobs waiting for a worker.",
-                 "# TYPE multitalk_queue_depth gauge",
-                 f"multitalk_queue_depth {counts.get('queued', 0)}",
-                 "# HELP multitalk_jobs Jobs in the store, by status.",
-                 "# TYPE multitalk_jobs gauge"]
-        lines += [f'multitalk_jobs{{status="{s}"}} {n}' for s, n in sorted(counts.items())]
-        lines += ["# HELP multitalk_ready 1 when the models are loaded.",
-                  "# TYPE multitalk_ready gauge", f"multitalk_ready {int(ready)}"]
-        for m in (self.step_seconds, self.job_seconds, self.jobs_finished, self.upload_failures,
-                  self.webhook_failures):
-            lines += m.render()
-        return "\n".join(lines) + "\n"
+                                     ["status"], buckets=JOB_BUCKETS, registry=None)
+        self.jobs_finished = Counter("multitalk_jobs_finished",
+                                     "Jobs finished by workers, by status.", ["status"],
+                                     registry=None)
+        self.upload_failures = Counter("multitalk_output_upload_failures",
+                                       "Output uploads that failed after all retries.",
+                                       registry=None)
+        self.webhook_attempts = Counter("multitalk_webhook_attempts",
+                                        "Webhook delivery attempts, by outcome (delivered, "
+                                        "retry, failed).", ["outcome"], registry=None)
+        self.webhook_failures = Counter("multitalk_webhook_failures",
+                                        "Webhooks given up after every retry.", registry=None)
 
 
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
+def process_metrics(folder: Path) -> Metrics:
+    """This process's metrics, writing into ``folder`` (multiprocess mode)."""
+    global _metrics
+    if _metrics is None:
+        multiprocess_dir(folder)
+        _metrics = Metrics()
+    return _metrics
 
 
-def _labels(key: tuple, **extra) -> str:
-    items = list(key) + list(extra.items())
-    if not items:
-        return ""
-    return "{" + ",".join(f'{k}="{v}"' for k, v in items) + "}"
+class _Scrape:
+    """Gauges read at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]], ready: Callable[[], bool]):
+        self.counts, self.ready = counts, ready
+
+    def collect(self):
+        counts = self.counts()
+        depth = GaugeMetricFamily("multitalk_queue_depth", "Jobs waiting for a worker.")
+        depth.add_metric([], counts.get("queued", 0))
+        jobs = GaugeMetricFamily("multitalk_jobs", "Jobs in the store, by status.",
+                                 labels=["status"])
+        for status, n in sorted(counts.items()):
+            jobs.add_metric([status], n)
+        ready = GaugeMetricFamily("multitalk_ready", "1 when the models are loaded.")
+        ready.add_metric([], int(self.ready()))
+        return [depth, jobs, ready]
+
+
+def render(counts: Callable[[], dict[str, int]], ready: Callable[[], bool]) -> bytes:
+    """The exposition text: every process's counters and histograms plus the scrape gauges."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=os.environ[_ENV])
+    registry.register(_Scrape(counts, ready))
+    return generate_latest(registry)

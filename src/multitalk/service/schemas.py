@@ -17,7 +17,7 @@ PERSONS = ("person1", "person2")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)   # NaN/Infinity: 422
 
 
 # Every generation option, validated exactly as the CLI validates it (one definition).
@@ -74,6 +74,21 @@ class JobRequest(_Strict):
             out["cond_audio.person2"] = self.cond_audio.person2
         return out
 
+    def set_media(self, uris: dict[str, str]) -> None:
+        """Replace input URIs (field path -> URI, as :meth:`media` names them)."""
+        for field, uri in uris.items():
+            if field == "cond_image":
+                self.cond_image = uri
+            else:
+                setattr(self.cond_audio, field.split(".", 1)[1], uri)
+
+    def identity(self, payload: dict) -> dict:
+        """What an Idempotency-Key is compared on: the dumped request, with a drawn random
+        seed put back to -1 (a retry of a ``seed: -1`` body is the same request)."""
+        if self.params.seed_drawn:
+            payload = {**payload, "params": {**payload["params"], "seed": -1}}
+        return payload
+
 
 class Fraction(BaseModel):
     i: int
@@ -99,6 +114,7 @@ class JobResult(BaseModel):
 
 class Job(BaseModel):
     id: str
+    owner: str | None = Field(None, description="the tenant (token name) the job belongs to")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: float = 0.0
     stage: str | None = None
@@ -112,7 +128,11 @@ class Job(BaseModel):
     cancel_requested: bool = False
     error: JobError | None = None
     result: JobResult | None = None
-    webhook: dict | None = None
+    output_deleted_at: float | None = Field(
+        None, description="when retention deleted the video (the job stays)")
+    webhook: dict | None = Field(
+        None, description="delivery state: id (webhook-id), url, event, state (pending, "
+                          "delivered, failed), attempts, status_code, error, next_attempt_at")
     request: dict | None = None
 
 

@@ -5,7 +5,14 @@ One :class:`Worker` runs one job at a time. While a job runs, a heartbeat thread
 through the store or the lease was lost. Failures become job errors with a code:
 ``bad_input`` (UserInputError), ``out_of_memory`` (torch.OutOfMemoryError), ``storage_error``
 (inputs unreadable or output upload failed after retries; the local output is kept),
-``internal_error`` (anything else). The worker itself keeps serving after every failure.
+``timeout`` (the attempt ran past ``job_deadline_s``: the runner stops at its next step through
+``should_cancel``, like a cancel), ``internal_error`` (anything else). The worker itself keeps
+serving after every failure.
+
+The worker never talks to webhook receivers: finishing a job queues its notification in the store
+(outbox) and ``on_finished`` wakes the process's webhook dispatcher. A database that goes away
+mid-job (a Postgres restart) does not fail the job: progress and cancellation checks are skipped
+while it is unreachable and the final status is written once it is back.
 """
 
 from __future__ import annotations
@@ -21,20 +28,23 @@ import time
 import traceback
 import uuid
 from pathlib import Path
+from typing import Callable
+
+import tenacity
 
 from multitalk.errors import ParallelError, UserInputError
 
+from .bounds import check_audio
 from .config import ServiceConfig
-from .metrics import Metrics
+from .metrics import Metrics, process_metrics
 from .runner import JobCancelled, Runner
-from .schemas import job_document
 from .storage import Storage, StorageError
-from .store import JobStore
-from .webhooks import deliver
+from .store import JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-TERMINAL_STATUSES = ("failed", "cancelled")
+STORE_OUTAGE_S = 300.0      # how long a finished job waits for an unreachable store
+
 OOM_HINT = ("the GPU ran out of memory: use size multitalk-480, a smaller frame_num, or start the "
             "server with offloading/fp8; retry when no other job shares the GPU")
 
@@ -43,13 +53,34 @@ class _Lost(Exception):
     """The lease was taken over by another worker."""
 
 
+class _Deadline:
+    """``job_deadline_s`` of one attempt: ``passed()`` turns true (and stays) once it is over."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.hit = False
+
+    def passed(self) -> bool:
+        self.hit = self.hit or time.monotonic() > self.at
+        return self.hit
+
+    def error(self) -> dict:
+        return {"code": "timeout",
+                "message": f"the job ran longer than this server's limit of {self.seconds:g} s "
+                           "(MULTITALK_JOB_DEADLINE_S) and was stopped",
+                "hint": "ask for fewer frames or steps or a smaller size, or split the audio"}
+
+
 class Worker:
     """Runs queued jobs from ``store`` with ``runner`` until stopped."""
 
     def __init__(self, store: JobStore, storage: Storage, runner: Runner, config: ServiceConfig,
-                 *, metrics: Metrics | None = None, worker_id: str | None = None):
+                 *, metrics: Metrics | None = None, worker_id: str | None = None,
+                 on_finished: Callable[[str], None] | None = None):
         self.store, self.storage, self.runner, self.config = store, storage, runner, config
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or process_metrics(config.metrics_path)
+        self.on_finished = on_finished
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -73,10 +104,18 @@ class Worker:
         """Load (if needed), then process jobs until ``stop`` is set; returns jobs processed."""
         if not self.ready.is_set():
             self.load()
-        done = 0
+        done, outage = 0, False
         while not stop.is_set() and self.fatal is None and (max_jobs is None or done < max_jobs):
             try:
                 worked = self.run_once()
+                if outage:
+                    log.info("worker %s: job store reachable again", self.worker_id)
+                    outage = False
+            except StoreUnavailable as e:   # e.g. Postgres restarting: back off, go on
+                if not outage:              # once per outage, not once per poll
+                    log.warning("worker %s: job store unavailable (retrying): %s",
+                                self.worker_id, e)
+                outage, worked = True, False
             except Exception:  # noqa: BLE001 - e.g. database busy: log, back off, go on
                 log.exception("worker %s: loop error", self.worker_id)
                 worked = False
@@ -111,13 +150,18 @@ class Worker:
                                 name=f"heartbeat-{job_id[:8]}", daemon=True)
         beat.start()
 
+        deadline = _Deadline(self.config.job_deadline_s)
+
         def should_cancel() -> bool:
-            return lost.is_set() or self.store.cancel_requested(job_id)
+            return (lost.is_set() or deadline.passed()
+                    or self._cancel_requested(job_id))
 
         status, result, error, keep = "failed", None, None, False
         try:
             request = self._localise(job["request"], workdir / "inputs")
             request["job_id"] = job_id
+            if deadline.passed():                    # the downloads took the whole budget
+                raise JobCancelled("deadline")
             out = self.runner.run(request, workdir, self._progress_fn(job_id, lost),
                                   should_cancel)
             if lost.is_set():
@@ -131,7 +175,9 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - every failure becomes a job error
             if lost.is_set():
                 status = None
-            elif isinstance(e, JobCancelled) or self.store.cancel_requested(job_id):
+            elif deadline.hit:
+                error = deadline.error()
+            elif isinstance(e, JobCancelled) or self._cancel_requested(job_id):
                 status = "cancelled"
             else:
                 error = self._error(job_id, e)
@@ -142,18 +188,17 @@ class Worker:
         if isinstance(error, ParallelError):
             self._give_back(job_id, error)
             return
-        if error is not None and error["code"] == "out_of_memory":
+        if error is not None and error["code"] in ("out_of_memory", "timeout"):
             _free_accelerator_memory()      # after the except block: the traceback's tensors are gone
 
         elapsed = time.monotonic() - t0
-        if status is None or not self.store.complete(job_id, self.worker_id, status,
-                                                    result=result, error=error):
+        if status is None or not self._complete(job_id, status, result, error):
             log.warning("job %s: lease lost to another worker; result of this attempt dropped",
                         job_id)
             return
         log.info("job %s: %s in %.1fs", job_id, status, elapsed)
-        self.metrics.job_seconds.observe(elapsed, status=status)
-        self.metrics.jobs_finished.inc(status=status)
+        self.metrics.job_seconds.labels(status=status).observe(elapsed)
+        self.metrics.jobs_finished.labels(status=status).inc()
         if not keep and not self.config.keep_workdirs:
             shutil.rmtree(self.config.work_dir / job_id, ignore_errors=True)
         self.notify(job_id)
@@ -166,8 +211,8 @@ class Worker:
         status = self.store.release(job_id, self.worker_id, error)
         self.fatal = str(e)
         log.error("job %s: %s; job %s, worker stopping for a restart", job_id, e, status or "lease already lost")
-        if status in TERMINAL_STATUSES:
-            self.metrics.jobs_finished.inc(status=status)
+        if status in ("failed", "cancelled"):
+            self.metrics.jobs_finished.labels(status=status).inc()
             self.notify(job_id)
 
     def _localise(self, request: dict, inputs: Path) -> dict:
@@ -178,6 +223,8 @@ class Worker:
             if uri is not None:
                 req["cond_audio"][person] = str(
                     self.storage.fetch(f"cond_audio.{person}", uri, inputs))
+        check_audio({f"cond_audio.{p}": Path(v) for p, v in req["cond_audio"].items() if v},
+                    req.get("audio_type"), self.config)
         return req
 
     def _store_output(self, job: dict, out: dict) -> dict:
@@ -208,6 +255,25 @@ class Worker:
         log.error("job %s: internal error\n%s", job_id, traceback.format_exc())
         return {"code": "internal_error", "message": f"{type(e).__name__}: {e}"[:1000]}
 
+    def _cancel_requested(self, job_id: str) -> bool:
+        try:
+            return self.store.cancel_requested(job_id)
+        except StoreUnavailable:        # cannot tell now: go on, ask again at the next step
+            return False
+
+    def _complete(self, job_id: str, status: str, result: dict | None,
+                  error: dict | None) -> bool:
+        """Write the final status, waiting (up to ``STORE_OUTAGE_S``) for an unreachable store."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(StoreUnavailable),
+            wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0),
+            stop=tenacity.stop_after_delay(STORE_OUTAGE_S), reraise=True,
+            before_sleep=lambda s: log.warning("job %s: store unavailable, final status %s "
+                                               "pending: %s", job_id, status,
+                                               s.outcome.exception()))
+        return retrying(self.store.complete, job_id, self.worker_id, status, result=result,
+                        error=error)
+
     def _heartbeat(self, job_id: str, lost: threading.Event, finished: threading.Event) -> None:
         while not finished.wait(self.config.heartbeat_s):
             try:
@@ -215,6 +281,8 @@ class Worker:
                     log.warning("job %s: lease lost", job_id)
                     lost.set()
                     return
+            except StoreUnavailable as e:
+                log.warning("job %s: heartbeat failed: %s", job_id, e)
             except Exception:  # noqa: BLE001 - a busy database must not kill the heartbeat
                 log.exception("job %s: heartbeat failed", job_id)
 
@@ -241,47 +309,19 @@ class Worker:
                 if last["step"] is not None and last["step"][0] == ident[0]:
                     self.metrics.step_seconds.observe(now - last["t"])
                 last.update(step=ident, t=now)
-            if not self.store.update_progress(job_id, self.worker_id, p):
-                lost.set()
+            try:
+                if not self.store.update_progress(job_id, self.worker_id, p):
+                    lost.set()
+            except StoreUnavailable as e:   # progress is advisory: the job goes on
+                log.warning("job %s: progress not stored: %s", job_id, e)
 
         return progress
 
     # -- notifications -----------------------------------------------------------------------
     def notify(self, job_id: str) -> None:
-        """Send the job's webhook (if any) and record the outcome on the job."""
-        send_webhook(self.store, self.storage, self.config, job_id, self.metrics)
-
-
-def send_webhook(store: JobStore, storage: Storage, config: ServiceConfig, job_id: str,
-                 metrics: Metrics | None = None) -> None:
-    job = store.get(job_id)
-    url = job and job["request"].get("webhook_url")
-    if not url:
-        return
-    payload = job_document(job, download_url(storage, config, job))
-    record = deliver(url, payload, secret=config.webhook_secret, retries=config.webhook_retries,
-                     backoff_s=config.webhook_backoff_s, timeout_s=config.webhook_timeout_s,
-                     allow_private=config.allow_private_urls)
-    if not record["delivered"] and metrics is not None:
-        metrics.webhook_failures.inc()
-    store.set_webhook(job_id, record)
-
-
-def download_url(storage: Storage, config: ServiceConfig, job: dict,
-                 base_url: str | None = None) -> str | None:
-    """Presigned URL for s3 outputs, else the service's ``/v1/jobs/{id}/video`` route."""
-    result = job.get("result")
-    if not result:
-        return None
-    try:
-        signed = storage.presign(result["video_uri"])
-    except Exception as e:  # noqa: BLE001 - storage down: no link rather than no job
-        log.warning("cannot presign %s: %s", result["video_uri"], e)
-        return None
-    if signed:
-        return signed
-    base = (base_url or config.public_url or "").rstrip("/")
-    return f"{base}/v1/jobs/{job['id']}/video"
+        """The job ended: its webhook (if any) is in the outbox; wake the dispatcher."""
+        if self.on_finished is not None:
+            self.on_finished(job_id)
 
 
 def _fraction(value) -> dict | None:

@@ -158,9 +158,7 @@ def _check_backend(model: nn.Module) -> None:
         if not isinstance(module, AttentionModuleMixin) or not hasattr(processor, "_attention_backend"):
             continue
         if getattr(processor, "sdpa_override", None) is not None:
-            raise UserInputError("parallel", "the self-attention is replaced by a runtime kernel "
-                                 "(sdpa_override) that computes local attention only",
-                                 "remove the override to split the sequence over processes")
+            continue   # a runtime kernel (8-bit attention) runs inside diffusers' Ulysses all-to-all
         backend = processor._attention_backend
         if backend is None:
             backend, _ = _AttentionBackendRegistry.get_active_backend()
