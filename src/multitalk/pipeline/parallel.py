@@ -174,6 +174,9 @@ class ParallelDenoiser:
 
 
 def _run_job(group: ParallelGroup, dit, job: Job, cache: dict, heads: int) -> None:
+    cuda = group.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(group.device)
     executor = BranchExecutor(dit, group.rank, job.plan, _layouts(cache, job.plan, group, heads))
     with group.guard("a job"), torch.no_grad():
         while True:
@@ -184,9 +187,10 @@ def _run_job(group: ParallelGroup, dit, job: Job, cache: dict, heads: int) -> No
             elif op == "step":
                 executor.step(message["x"], message["t"], message["compute"])
             elif op == "end":
-                return
+                break
             else:
                 raise ParallelError(f"unknown message {op!r} from rank 0")
+    group.report_stats({"peak_memory_bytes": torch.cuda.max_memory_allocated(group.device) if cuda else None})
 
 
 def serve(group: ParallelGroup, config: EngineConfig, concurrency: int = 1, dit_factory=None) -> None:

@@ -180,6 +180,26 @@ class ParallelGroup:
             time.sleep(_POLL_S)
         return pickle.loads(self.control.get(key))
 
+    @property
+    def jobs(self) -> int:
+        """Jobs posted (rank 0) or taken (servant) so far: the current job's number."""
+        return self._jobs
+
+    def report_stats(self, stats: dict) -> None:
+        """Servant: this job's figures (e.g. peak memory) for rank 0 (:meth:`servant_stats`)."""
+        self.control.set(f"stats/{self.rank}/{self._jobs}", pickle.dumps(stats))
+
+    def servant_stats(self, job: int, timeout_s: float = 30.0) -> dict[int, dict]:
+        """Rank 0: each servant's :meth:`report_stats` of job ``job`` (those that arrive in time)."""
+        out, deadline = {}, time.monotonic() + timeout_s
+        for rank in range(1, self.world):
+            key = f"stats/{rank}/{job}"
+            while not self.control.check([key]) and time.monotonic() < deadline and self.failure is None:
+                time.sleep(_POLL_S / 4)
+            if self.control.check([key]):
+                out[rank] = pickle.loads(self.control.get(key))
+        return out
+
     def report_error(self, message: str) -> None:
         """Servant: tell rank 0 why this process cannot go on (rank 0's watchdog aborts the job)."""
         try:
