@@ -325,7 +325,7 @@ def test_cli_streaming_two_gpus_matches_one(golden, examples, tmp_path):
 
     from multitalk.cli import app
 
-    args = ["--frame_num", "17", "--max-frames", "29", "--sample_steps", "3"]
+    args = ["--frame_num", "17", "--max-frames", "29", "--sample_steps", "2"]
     proc = subprocess.run(_cli(golden, examples, tmp_path / "par.mp4", *args, "--save-tensor",
                                str(tmp_path / "par.safetensors"), "--gpus", "2", "--parallel", "cfg"),
                           env=_env(), capture_output=True, text=True, timeout=900)
@@ -435,7 +435,7 @@ def test_worker_with_two_gpus_gives_back_the_job_of_a_dead_rank(golden, examples
     store = open_store(ServiceConfig.from_env(env={}, data_dir=data).db_path)
     store.submit({"prompt": "a man talking", "cond_image": str(media / "single1.png"),
                   "cond_audio": {"person1": str(media / "1.wav")},
-                  "params": {"size": "preview", "frame_num": 9, "sample_steps": 100, "max_frames": 9}})
+                  "params": {"size": "preview", "frame_num": 9, "sample_steps": 40, "max_frames": 9}})
     worker = [sys.executable, "-m", "multitalk.cli", "worker", "--data-dir", str(data), "--gpus", "2",
               "--ckpt-dir", str(golden / "weights" / "Wan2.1-I2V-tiny"),
               "--wav2vec-dir", str(golden / "weights" / "chinese-wav2vec2-tiny"), "--device", "cpu",
@@ -486,9 +486,10 @@ def test_parallel_benchmark_smoke(tmp_path, gpus):
     import math
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "parallel_bench.py"
+    sections = "forward,step,profile,clip720,video10s" if gpus > 1 else "forward,step,clip720"
     proc = subprocess.run([sys.executable, str(script), "--tiny-cpu", "--gpus", str(gpus), "--out-dir", str(tmp_path),
-                           "--repeats", "1", "--warmup", "0"], env=_env(), capture_output=True, text=True,
-                          timeout=900)
+                           "--repeats", "1", "--warmup", "0", "--sections", sections], env=_env(),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (path,) = tmp_path.glob(f"*_x{gpus}_parallel.json")
     report = json.loads(path.read_text())
@@ -498,11 +499,12 @@ def test_parallel_benchmark_smoke(tmp_path, gpus):
     assert "x2_ulysses_speedup" in report and "x2_cfg_speedup" in report
     sec = report["sections"]
     assert sec["forward"]["one_gpu_1spk"]["median_s"] > 0 and sec["step"]["one_gpu"]["median_s"] > 0
-    assert sec["clip720"]["one_gpu"]["frames"] == 5 and sec["video10s"]["one_gpu"]["frames"] == 10
-    assert report["skipped"]["profile"].startswith("kernel profile needs CUDA")
+    assert sec["clip720"]["one_gpu"]["frames"] == 5
     if gpus == 1:
         assert math.isnan(report["x2_ulysses_speedup"]) and math.isnan(report["x2_cfg_speedup"])
         return
+    assert report["skipped"]["profile"].startswith("kernel profile needs CUDA")
+    assert sec["video10s"]["one_gpu"]["frames"] == 10
     assert report["x2_ulysses_speedup"] > 0 and report["x2_cfg_speedup"] > 0
     for spk in (1, 2):
         assert sec["forward"][f"rel_err_{spk}spk"] < 1e-5
