@@ -287,6 +287,10 @@ def test_guidance_parallel_three_processes(groups, golden_vectors):
     """3 processes, 3 branches: one each, APG and TeaCache."""
     engine = groups.get(3)
     assert engine.parallel.plan(3).rounds() == [Round({0: 0, 1: 1, 2: 2})]
+    # the servants streamed their weights one after the other (MULTITALK_PARALLEL_LOAD_CONCURRENCY=1)
+    control = engine.parallel.group.control
+    (_, end1), (start2, _) = (map(float, control.get(f"loaded/{r}").decode().split()) for r in (1, 2))
+    assert start2 >= end1
     _guidance_case(engine, golden_vectors("dit_2person_bbox"), "auto", 5.0, apg=True, use_teacache=True)
     groups.close()
 

@@ -218,7 +218,7 @@ def _load_servant_dit(group: ParallelGroup, config: EngineConfig, concurrency: i
         key = f"loaded/{wait_for}"
         while not group.control.check([key]):
             time.sleep(0.1)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     if dit_factory is None:
         from multitalk.models.architecture import detect_architecture
 
@@ -226,7 +226,8 @@ def _load_servant_dit(group: ParallelGroup, config: EngineConfig, concurrency: i
         dit = load_dit(config, ckpt_dir, mt_dir, detect_architecture(ckpt_dir), group.device, dtype)
     else:
         dit = prepare_dit(dit_factory(config, group.device), config, group.device, dtype)[0]
-    group.control.set(f"loaded/{group.rank}", f"{time.perf_counter() - t0:.3f}")
+    group.control.set(f"loaded/{group.rank}", f"{started:.6f} {time.time():.6f}")   # when it streamed, for the logs/tests
+    log.info("rank %d loaded its DiT in %.1fs", group.rank, time.perf_counter() - t0)
     group.control.set(f"ready/{group.rank}", str(time.time()))
     return dit
 

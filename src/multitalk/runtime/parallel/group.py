@@ -285,12 +285,15 @@ class ParallelGroup:
                     p.kill()
                     p.join(5)
         if dist.is_initialized():
-            if self.failure is None:
+            # after a failure the group was aborted: its teardown may block on the dead peer, so it
+            # gets a few seconds on a side thread and is then left to the process's exit
+            def destroy():
                 with contextlib.suppress(Exception):
                     dist.destroy_process_group()
-            else:  # an aborted group cannot be destroyed cleanly; the process ends soon anyway
-                with contextlib.suppress(Exception):
-                    dist.distributed_c10d._world.pg_map.clear()
+
+            t = threading.Thread(target=destroy, name="multitalk-pg-destroy", daemon=True)
+            t.start()
+            t.join(30.0 if self.failure is None else 3.0)
 
 
 def _backend(device_type: str) -> str:
