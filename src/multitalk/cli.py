@@ -13,6 +13,7 @@ before parsing.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -205,6 +206,8 @@ def generate(
     persistent_params: Optional[int] = _opt(None, "--num_persistent_param_in_dit", "--num-persistent-param-in-dit", help="Official: DiT parameters kept on the GPU; the other blocks are streamed (0: all)."),
     attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa (bf16), int8 (8-bit Triton kernel, Hopper) or auto (int8 on Hopper in bf16)."),
     compile: Optional[bool] = _opt(None, "--compile/--no-compile", help="Regional torch.compile of the DiT blocks and fused VAE element-wise kernels (default: on for CUDA)."),
+    gpus: Optional[int] = _opt(None, "--gpus", help="Processes (one GPU each) for the DiT: starts them itself; under torchrun, its WORLD_SIZE."),
+    parallel: str = _opt("auto", "--parallel", help="With --gpus > 1: auto, ulysses (split the sequence) or cfg (guidance branches side by side)."),
     save_tensor: Optional[Path] = _opt(None, "--save-tensor", "--save_tensor", help="Also store the float video as safetensors key 'video' (3,T,H,W)."),
     quiet: bool = _opt(False, "--quiet", "-q", help="No progress bars."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
@@ -217,10 +220,24 @@ def generate(
     def run():
         from multitalk.pipeline.engine import Engine, EngineConfig
         from multitalk.pipeline.inputs import GenerationParams, InputSpec, load_input_json
-        from multitalk.ui.terminal import ProgressView
         from multitalk.pipeline.render import render
+        from multitalk.runtime.parallel.group import under_torchrun
+        from multitalk.ui.terminal import ProgressView
 
         _check_attention(attention)
+        if gpus is not None and gpus < 1:
+            raise UserInputError("gpus", f"--gpus {gpus}", "use --gpus 1 or more")
+        loras = lora_specs(lora_dir, lora_scale)
+        config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
+                              preset=preset, device=device, dtype=dtype, vae_dtype=vae_dtype, offload=offload,
+                              fp8=fp8, compile=compile, attention=attention, loras=loras, weights=weights,
+                              fp8_matmul=fp8_matmul, max_vram_gib=max_vram,
+                              num_persistent_param_in_dit=persistent_params, gpus=gpus or 1, parallel=parallel)
+        if under_torchrun() and int(os.environ["RANK"]) != 0:
+            from multitalk.pipeline.parallel import serve_from_env
+
+            serve_from_env(config)      # rank 0 alone reads the inputs and writes the video
+            return
         json_path = input_json or input_json_opt
         if audio_mode not in (None, "localfile", "tts"):
             raise UserInputError("audio_mode", f"unknown audio mode {audio_mode!r}",
@@ -264,7 +281,6 @@ def generate(
             apg_momentum=apg_momentum, apg_norm_threshold=apg_norm_threshold,
             color_correction_strength=color_correction_strength, max_frames=max_frames,
             noise_device=noise_device, **options)
-        loras = lora_specs(lora_dir, lora_scale)
         if params.recipe is not None and not loras:
             _say(err, f"--recipe {params.recipe} without --lora_dir: {params.sample_steps} steps of the base model "
                       f"give a blurred video (the recipe is made for {RECIPE_FILES[params.recipe]})",
@@ -282,11 +298,6 @@ def generate(
         from multitalk.pipeline.generate import prepare_media
         from multitalk.pipeline.render import check_output_path
 
-        config = EngineConfig(ckpt_dir=ckpt_dir, wav2vec_dir=wav2vec_dir, multitalk_dir=multitalk_dir,
-                              preset=preset, device=device, dtype=dtype, vae_dtype=vae_dtype, offload=offload,
-                              fp8=fp8, compile=compile, attention=attention, loras=loras, weights=weights,
-                              fp8_matmul=fp8_matmul, max_vram_gib=max_vram,
-                              num_persistent_param_in_dit=persistent_params)
         config.check()  # folders, device, dtypes and attention: before anything is decoded or loaded
         target = check_output_path(target, field=field, stem=stem)
         if save_tensor is not None:
@@ -307,20 +318,25 @@ def generate(
         t0 = time.perf_counter()
         with err.status("loading models ..."):
             engine = Engine.load(config)
-        _say(err, f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {engine.device}, "
-                  f"{engine.dtype}, {engine.attention} attention)")
-        if engine.plan is not None:
-            _say(err, engine.plan.summary())
-        for line in engine.lora_report.lines():
-            _say(err, line)
-        from multitalk.pipeline.guidance import branch_names
+        try:
+            where = (f"{engine.device} + {engine.parallel.world - 1} more processes, --parallel {parallel}"
+                     if engine.parallel is not None else f"{engine.device}")
+            _say(err, f"models loaded in {time.perf_counter() - t0:.1f}s ({engine.arch.name}, {where}, "
+                      f"{engine.dtype}, {engine.attention} attention)")
+            if engine.plan is not None:
+                _say(err, engine.plan.summary())
+            for line in engine.lora_report.lines():
+                _say(err, line)
+            from multitalk.pipeline.guidance import branch_names
 
-        passes = len(branch_names(params.text_guide_scale, params.audio_guide_scale))
-        _say(err, f"sampling: {params.sample_steps} steps x {passes} model passes per clip (shift {params.shift:g}, "
-                  f"text guide {params.text_guide_scale:g}, audio guide {params.audio_guide_scale:g})")
-        with ProgressView(console=err, enabled=not quiet) as view:
-            result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
-                            progress=view.update)
+            passes = len(branch_names(params.text_guide_scale, params.audio_guide_scale))
+            _say(err, f"sampling: {params.sample_steps} steps x {passes} model passes per clip (shift {params.shift:g}, "
+                      f"text guide {params.text_guide_scale:g}, audio guide {params.audio_guide_scale:g})")
+            with ProgressView(console=err, enabled=not quiet) as view:
+                result = render(engine, spec, params, target, save_tensor=save_tensor, media=media,
+                                progress=view.update)
+        finally:
+            engine.close()
         _say(out, f"wrote {target} ({result.frames} frames, {result.width}x{result.height}, "
                   f"{result.duration_s:.2f}s, seed {result.seed}) in {time.perf_counter() - t0:.1f}s")
 
@@ -356,7 +372,7 @@ def demo(
                  max_frames=None, device="cpu", dtype="float32", vae_dtype="auto", noise_device="engine",
                  offload=False, fp8=False, attention="sdpa", compile=False, weights="auto", fp8_matmul=None,
                  max_vram=None, persistent_params=None, save_tensor=None, quiet=False, debug=debug, lora_dir=None,
-                 lora_scale=None, recipe=None)
+                 lora_scale=None, recipe=None, gpus=None, parallel="auto")
 
     _run_guarded(run)
 
@@ -485,6 +501,8 @@ def worker(
     max_jobs: Optional[int] = _opt(None, "--max-jobs", help="Exit after N jobs."),
     attention: str = _opt("auto", "--attention", help="DiT self-attention: sdpa, int8 (Hopper) or auto."),
     tts_dir: Optional[Path] = _opt(None, "--tts_dir", "--tts-dir", help="Kokoro-82M folder for tts_audio jobs with Kokoro voices (default: espeak-ng)."),
+    gpus: int = _opt(1, "--gpus", help="GPUs this worker owns: one process each, one job at a time over all of them."),
+    parallel: str = _opt("auto", "--parallel", help="With --gpus > 1: auto, ulysses or cfg (see multitalk generate)."),
     debug: bool = _opt(False, "--debug", help="Show tracebacks."),
 ):
     """An extra worker process against the server's job store."""
@@ -494,9 +512,13 @@ def worker(
     def run():
         from multitalk.service.cli_commands import worker as run_worker
 
+        if gpus < 1:
+            raise UserInputError("gpus", f"--gpus {gpus}", "use --gpus 1 or more")
         opts = _runner_options(preset, ckpt_dir, wav2vec_dir, multitalk_dir, device, dtype, attention,
                                dict(max_vram_gib=max_vram, weights=None if weights == "auto" else weights,
                                     num_persistent_param_in_dit=persistent_params, offload=offload, fp8=fp8), tts_dir)
+        if gpus > 1:
+            opts.update(gpus=gpus, parallel=parallel)
         n = run_worker(data_dir=data_dir, runner_options=opts, max_jobs=max_jobs, db=db)
         _say(out, f"worker processed {n} jobs")
 

@@ -71,3 +71,14 @@ class MemoryPlanError(MultiTalkError):
 
 class JobCancelled(MultiTalkError):
     """A generation stopped because its caller asked it to (checked between sampling steps)."""
+
+
+class ParallelError(MultiTalkError):
+    """A multi-process (multi-GPU) generation lost a process or a collective failed or timed out.
+
+    ``rank`` names the process when known; the message says what happened to it.
+    """
+
+    def __init__(self, message: str, rank: int | None = None):
+        self.rank = rank
+        super().__init__(message)

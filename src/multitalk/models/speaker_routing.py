@@ -59,15 +59,22 @@ def reference_attention_map(query: torch.Tensor, key: torch.Tensor, masks: torch
 
 
 def speaker_positions(ref_map: torch.Tensor, class_range: int = 24, class_interval: int = 4,
-                      eps: float = 1e-8) -> torch.Tensor:
-    """``[B, 3, L]`` map -> ``[B, L]`` float RoPE positions of the visual tokens."""
+                      eps: float = 1e-8, extrema: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``[B, 3, L]`` map -> ``[B, L]`` float RoPE positions of the visual tokens.
+
+    ``extrema``: ``(min, max)`` ``[B, 2]`` of the two speaker rows over the whole sequence when
+    ``ref_map`` holds only this process's tokens (sequence parallelism); None: over ``ref_map``.
+    """
     ref_map = ref_map.float()
     out = []
-    for m in ref_map:
+    for b, m in enumerate(ref_map):
         bands = ((0.0, float(class_interval)), (float(class_range - class_interval), float(class_range)))
         scaled = []
-        for row, (lo, hi) in zip(m[:2], bands):
-            rmin, rmax = row.min(), row.max()
+        for r, (row, (lo, hi)) in enumerate(zip(m[:2], bands)):
+            if extrema is None:
+                rmin, rmax = row.min(), row.max()
+            else:
+                rmin, rmax = extrema[0][b, r].float(), extrema[1][b, r].float()
             scaled.append((row - rmin) / (rmax - rmin + eps) * (hi - lo) + lo)
         scaled.append(torch.full_like(m[0], float(class_range // 2)))
         choice = m.argmax(dim=0)                                      # [L] in {0, 1, 2}

@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
+from diffusers.models._modeling_parallel import ContextParallelInput
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.attention import AttentionModuleMixin
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import _templated_context_parallel_attention, dispatch_attention_fn
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import (WanAttention, WanRotaryPosEmbed,
                                                            WanTimeTextImageEmbedding,
@@ -48,6 +49,7 @@ from multitalk.models import speaker_routing
 from multitalk.models.architecture import Architecture, DiTConfig, detect_architecture
 from multitalk.models.audio_projection import AudioProjModel
 from multitalk.models.checkpoint import LoadReport, build_on_meta, load_converted
+from multitalk.models.sequence_shard import SplitPoint, TokenShard, frame_segments
 
 # ----------------------------------------------------------------------------------------------
 # Embeddings
@@ -153,13 +155,31 @@ class MultiTalkSelfAttnProcessor:
                 query = apply_rotary(query, *rotary_emb)
                 key = apply_rotary(key, *rotary_emb)
         if self.sdpa_override is not None and attention_mask is None:
-            out = self.sdpa_override(attn, query, key, value)
+            if self._parallel_config is None:
+                out = self.sdpa_override(attn, query, key, value)
+            else:  # the runtime kernel inside diffusers' Ulysses all-to-all (heads <-> tokens)
+                out = _templated_context_parallel_attention(
+                    query, key, value, None, 0.0, False, None, False, False,
+                    forward_op=_override_op(self.sdpa_override, attn), backward_op=None,
+                    _parallel_config=self._parallel_config)
         else:
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                         backend=self._attention_backend, parallel_config=self._parallel_config)
         out = attn.to_out[0](out.flatten(2, 3).type_as(query))
         out = attn.to_out[1](out)
         return (out, query, key) if return_qk else out
+
+
+def _override_op(override, attn):
+    """A runtime attention kernel (``sdpa_override``) as the ``forward_op`` of diffusers' templated
+    context-parallel attention: it then runs on the full sequence of this process's heads."""
+    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+        if return_lse:
+            raise ValueError("the runtime attention kernel returns no log-sum-exp")
+        return override(attn, query, key, value)
+
+    return forward_op
 
 
 def self_attention_processors(model: nn.Module) -> list[MultiTalkSelfAttnProcessor]:
@@ -175,7 +195,9 @@ class AudioContext:
     ``tokens``: ``[T_lat, speakers*context_tokens, output_dim]`` (speaker-major per frame);
     ``masks``: ``[3, N_h*N_w]`` token-grid region masks (person 1, person 2, background) or None;
     ``grid``: ``(T_lat, N_h, N_w)``; ``debug``: when a dict, blocks append their reference map to
-    ``debug["x_ref_attn_map"]`` (computed even for one speaker).
+    ``debug["x_ref_attn_map"]`` (computed even for one speaker; this process's tokens only).
+    ``shard``/``start``: the sequence split over processes (:mod:`multitalk.models.sequence_shard`)
+    and the global index of this process's first token; None/0 on one process.
     """
 
     tokens: torch.Tensor
@@ -183,20 +205,30 @@ class AudioContext:
     grid: tuple[int, int, int]
     masks: torch.Tensor | None = None
     debug: dict | None = None
+    shard: TokenShard | None = None
+    start: int = 0
+
+    @property
+    def frame_tokens(self) -> int:
+        return self.grid[1] * self.grid[2]
 
 
 class MultiTalkAudioAttnProcessor:
     """Audio cross-attention: the visual tokens of latent frame ``t`` attend to the audio tokens of frame ``t``.
 
-    ``q_positions [B, L]`` / ``k_positions [N_a]`` (two speakers) rotate q and the audio keys with
-    the 1-D label RoPE first; ``None`` (one speaker) is plain cross-attention.
+    ``segments``: ``(lo, hi, first_frame, frames)`` parts of the (local) token sequence, each made of
+    whole frames or of one partial frame (:func:`~multitalk.models.sequence_shard.frame_segments`;
+    one part ``(0, L, 0, T)`` on one process). ``q_positions [B, L]`` / ``k_positions [N_a]`` (two
+    speakers) rotate q and the audio keys with the 1-D label RoPE first; ``None`` (one speaker) is
+    plain cross-attention. The audio attention is local to each process: it keeps no
+    ``_parallel_config`` use (each query row needs only its own frame's audio keys).
     """
 
     _attention_backend = None
     _parallel_config = None
 
     def __call__(self, attn: "MultiTalkAudioAttention", hidden_states: torch.Tensor, audio_tokens: torch.Tensor,
-                 frames: int, q_positions: torch.Tensor | None = None,
+                 segments: list[tuple[int, int, int, int]], q_positions: torch.Tensor | None = None,
                  k_positions: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, dim = hidden_states.shape
         heads = attn.heads
@@ -208,11 +240,13 @@ class MultiTalkAudioAttnProcessor:
         if k_positions is not None:
             key = speaker_routing.apply_rope_1d(key, k_positions[None].expand(key.shape[0], -1))
         n_audio = key.shape[1]
-        query = query.reshape(batch * frames, length // frames, heads, -1)
-        key = key[None].expand(batch, -1, -1, -1, -1).reshape(batch * frames, n_audio, heads, -1)
-        value = value[None].expand(batch, -1, -1, -1, -1).reshape(batch * frames, n_audio, heads, -1)
-        out = dispatch_attention_fn(query, key, value, backend=self._attention_backend)
-        out = out.reshape(batch, length, dim).type_as(hidden_states)
+        outs = []
+        for lo, hi, f0, frames in segments:
+            q = query[:, lo:hi].reshape(batch * frames, (hi - lo) // frames, heads, -1)
+            k = key[None, f0:f0 + frames].expand(batch, -1, -1, -1, -1).reshape(batch * frames, n_audio, heads, -1)
+            v = value[None, f0:f0 + frames].expand(batch, -1, -1, -1, -1).reshape(batch * frames, n_audio, heads, -1)
+            outs.append(dispatch_attention_fn(q, k, v, backend=self._attention_backend).reshape(batch, hi - lo, dim))
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).type_as(hidden_states)
         return attn.proj(out)
 
 
@@ -231,8 +265,8 @@ class MultiTalkAudioAttention(nn.Module, AttentionModuleMixin):
         self.proj = nn.Linear(dim, dim)
         self.set_processor(processor or MultiTalkAudioAttnProcessor())
 
-    def forward(self, hidden_states, audio_tokens, frames, q_positions=None, k_positions=None):
-        return self.processor(self, hidden_states, audio_tokens, frames, q_positions, k_positions)
+    def forward(self, hidden_states, audio_tokens, segments, q_positions=None, k_positions=None):
+        return self.processor(self, hidden_states, audio_tokens, segments, q_positions, k_positions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,21 +311,26 @@ class MultiTalkTransformerBlock(WanTransformerBlock):
         return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
 
     def _audio_attention(self, hidden_states, query, key, ctx: AudioContext) -> torch.Tensor:
-        frames, n_h, n_w = ctx.grid
+        frame_tokens = ctx.frame_tokens
         q_pos = k_pos = None
         routed = ctx.speakers > 1
         if (routed or ctx.debug is not None) and ctx.masks is not None:
             with torch.no_grad():
+                # the first latent frame's keys (on the first process(es) when the sequence is split)
+                ref_key = key if ctx.shard is None else ctx.shard.reference_keys(key, frame_tokens)
                 ref_map = speaker_routing.reference_attention_map(
-                    query, key, ctx.masks, n_h * n_w, backend=self.attn1.processor._attention_backend)
+                    query, ref_key, ctx.masks, frame_tokens, backend=self.attn1.processor._attention_backend)
             if ctx.debug is not None:
                 ctx.debug.setdefault("x_ref_attn_map", []).append(ref_map)
             if routed:
-                q_pos = speaker_routing.speaker_positions(ref_map, self.class_range, self.class_interval)
+                extrema = None if ctx.shard is None else ctx.shard.row_extrema(ref_map[:, :2])
+                q_pos = speaker_routing.speaker_positions(ref_map, self.class_range, self.class_interval,
+                                                          extrema=extrema)
                 k_pos = speaker_routing.audio_key_positions(ctx.tokens.shape[1], self.class_range,
                                                             self.class_interval, device=hidden_states.device)
         norm_hidden = self.norm_x(hidden_states.float()).type_as(hidden_states)
-        return self.audio_cross_attn(norm_hidden, ctx.tokens, frames, q_pos, k_pos)
+        segments = frame_segments(ctx.start, hidden_states.shape[1], frame_tokens)
+        return self.audio_cross_attn(norm_hidden, ctx.tokens, segments, q_pos, k_pos)
 
 
 TransformerBlockRegistry.register(
@@ -308,7 +347,8 @@ class DiTState:
     """Everything the blocks need for one forward (output of :meth:`MultiTalkTransformer3DModel.prepare`).
 
     ``timestep_proj`` is the official ``e0`` ``[B, 6, dim]`` (TeaCache's modulated input), ``temb``
-    the official ``e`` ``[B, dim]``; ``hidden_states`` the patch tokens ``[B, L, dim]``.
+    the official ``e`` ``[B, dim]``; ``hidden_states`` the patch tokens ``[B, L, dim]`` (this
+    process's slice when the sequence is split over processes).
     """
 
     hidden_states: torch.Tensor
@@ -333,9 +373,20 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
     _keep_in_fp32_modules = ["rope", "time_embedder", "time_proj", "scale_shift_table", "norm1", "norm2",
                              "norm3", "norm_x", "norm_out"]
     _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm", "rope"]
-    # Not context-parallel: the audio attention groups tokens by latent frame and the speaker map
-    # needs every query against the first frame's keys plus global min/max (not sharded here).
-    _cp_plan = None
+    # Context parallelism (diffusers' hooks, installed by ``runtime.parallel``): the patch tokens and
+    # the RoPE tables are split after the patch embedding. The explicit split point (an identity)
+    # keeps the split ahead of the blocks, so ``prepare`` returns this process's tokens and
+    # TeaCache's residual stays local. The head's output is gathered by ``token_shard.gather``
+    # before the unpatchify (diffusers' gather of uneven slices hands unequal tensors to
+    # ``all_gather``, which gloo refuses), and the MultiTalk parts that need more than local tokens
+    # use ``token_shard`` too (see :mod:`multitalk.models.sequence_shard`).
+    _cp_plan = {
+        "rope": {
+            0: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+            1: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+        },
+        "split_tokens": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+    }
     # ``before_block(i)`` / ``after_block(i)`` around each block call (``runtime.block_streaming``)
     block_streamer = None
 
@@ -370,6 +421,8 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
         self.audio_proj = AudioProjModel(audio_window, vae_scale, audio_blocks, audio_channels,
                                          audio_intermediate_dim, audio_output_dim, audio_context_tokens,
                                          norm_output_audio)
+        self.split_tokens = SplitPoint()
+        self.token_shard: TokenShard | None = None   # set by runtime.parallel with a sequence split
 
     @classmethod
     def from_dit_config(cls, cfg: DiTConfig) -> "MultiTalkTransformer3DModel":
@@ -434,9 +487,12 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
             raise UserInputError("y", f"y {tuple(y.shape)} does not fit the latent {tuple(hidden_states.shape)} "
                                  f"({self.config.in_channels} channels together)", "build y from the same clip")
         dtype = self.patch_embedding.weight.dtype
+        shard = self.token_shard
+        # this process's tokens (all of them on one process); asked before the split hooks run
+        start = 0 if shard is None else shard.span(grid[0] * grid[1] * grid[2])[0]
         x = torch.cat([hidden_states, y.to(hidden_states.dtype)], dim=1).to(dtype)
         rotary_emb = self.rope(x)
-        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+        tokens = self.split_tokens(self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous())
 
         timestep = torch.as_tensor(timestep, device=tokens.device).reshape(-1)
         timestep = self._batched(timestep, batch, "timestep")
@@ -465,7 +521,8 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
                          img_emb=image_emb, audio_proj=audio_proj)
         return DiTState(hidden_states=tokens, encoder_hidden_states=context, temb=temb,
                         timestep_proj=timestep_proj.unflatten(1, (6, -1)), rotary_emb=rotary_emb,
-                        audio=AudioContext(audio_tokens, speakers, grid, masks, debug), grid=grid, debug=debug)
+                        audio=AudioContext(audio_tokens, speakers, grid, masks, debug, shard, start), grid=grid,
+                        debug=debug)
 
     def run_blocks(self, state: DiTState) -> torch.Tensor:
         """All transformer blocks on ``state.hidden_states``; returns the block output ``[B, L, dim]``.
@@ -498,6 +555,8 @@ class MultiTalkTransformer3DModel(WanTransformer3DModel):
             hidden = F.linear(hidden, self.proj_out.weight.float(), bias)
         else:  # replaced (e.g. quantised) projection
             hidden = self.proj_out(hidden.to(self.patch_embedding.weight.dtype)).float()
+        if state.audio.shard is not None:                   # all tokens again (sequence parallelism)
+            hidden = state.audio.shard.gather(hidden)
         batch = hidden.shape[0]
         p_t, p_h, p_w = self.config.patch_size
         f, h, w = state.grid

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,8 @@ class EngineConfig:
     attention: str = "auto"            # DiT self-attention: "sdpa" (the attention backend, bf16), "int8"
                                        # (runtime.attention_int8, Hopper), "auto": int8 on Hopper in bf16
     loras: tuple[LoraSpec, ...] = ()   # merged into the DiT at load, in this order (before fp8/compile)
+    gpus: int = 1                      # processes (one GPU each) for the DiT; >1: pipeline.parallel
+    parallel: str = "auto"             # with gpus > 1: "auto", "ulysses" or "cfg" (runtime.parallel.plan)
 
     def check(self) -> tuple[torch.device, torch.dtype, torch.dtype]:
         """Everything that can be checked without loading (folders, device, dtypes, attention), as
@@ -158,7 +161,7 @@ def prepare_dit(dit: torch.nn.Module, config: EngineConfig, device: torch.device
     report = apply_loras(dit, config.loras, compute_device=device)
     if config.loras and timings is not None:
         timings["lora_read"], timings["lora_merge"] = report.read_s, report.merge_s
-    compiled = bool(config.compile or (config.compile is None and device.type == "cuda"))
+    compiled = compiles(config, device)
     prepare_transformer(dit, device, dtype, weights=_weights_format(config.weights), fp8=config.fp8,
                         fp8_matmul=config.fp8_matmul, attention_backend=config.attention_backend,
                         attention=attention, compile=compiled, fp8_scales=fp8_scales)
@@ -182,16 +185,36 @@ class Engine:
     lora_report: LoraReport = field(default_factory=LoraReport)  # the LoRAs merged into the DiT
     plan: MemoryPlan | None = None     # where each model lives (None: where it was loaded)
     sizes: object = None               # runtime.memory_plan.ModelSizes the plan was made with
+    parallel: object | None = None     # pipeline.parallel.ParallelRuntime with several processes
+
+    def close(self) -> None:
+        """Stop the other processes of a multi-GPU engine (nothing to do on one process)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     @classmethod
     def load(cls, config: EngineConfig) -> "Engine":
+        """Load every component; with ``config.gpus > 1`` (or under ``torchrun``) this process becomes
+        rank 0 of a multi-process engine (:func:`multitalk.pipeline.parallel.load_parallel_engine`)."""
+        from multitalk.runtime.parallel.group import under_torchrun
+
+        if config.gpus > 1 or (under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            from multitalk.pipeline.parallel import load_parallel_engine
+
+            return load_parallel_engine(config)
+        return cls.load_local(config)
+
+    @classmethod
+    def load_local(cls, config: EngineConfig, device: torch.device | None = None) -> "Engine":
+        """Every component on this process (``device``: overrides ``config.device``)."""
         from multitalk.models.audio_encoder import AudioEncoder
         from multitalk.models.image_encoder import ImageEncoder
         from multitalk.models.text_encoder import TextEncoder
         from multitalk.models.transformer import load_transformer
         from multitalk.models.vae import WanVAE
 
-        device, dtype, vae_dtype = config.check()  # folders, device, dtypes, attention: before any file is touched
+        checked, dtype, vae_dtype = config.check()  # folders, device, dtypes, attention: before any file is touched
+        device = device if device is not None else checked
         ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
         config.check_loras()  # a bad LoRA file fails before any model is read
         arch = detect_architecture(ckpt_dir)
@@ -237,13 +260,14 @@ class Engine:
                                                             transform=quantizer))
         return cls.from_components(arch, text_encoder=text, image_encoder=image, vae=vae, audio_encoder=audio,
                                    transformer=dit, config=config, load_seconds=timings, plan=plan, sizes=sizes,
-                                   fp8_scales=quantizer.scales if quantizer else None)
+                                   fp8_scales=quantizer.scales if quantizer else None,
+                                   device=device)
 
     @classmethod
     def from_components(cls, arch: Architecture, *, text_encoder, image_encoder, vae, audio_encoder,
                         transformer: torch.nn.Module, config: EngineConfig | None = None,
                         load_seconds: dict | None = None, plan: MemoryPlan | None = None, sizes=None,
-                        fp8_scales: dict | None = None) -> "Engine":
+                        fp8_scales: dict | None = None, device: torch.device | None = None) -> "Engine":
         """An engine around models already built (by :meth:`load`, or the benchmark's random
         full-size ones), with ``config``'s runtime choices applied as :meth:`load` applies them:
         backend settings, the DiT prepared by :func:`prepare_dit` (``config.loras`` merged, fp8
@@ -251,15 +275,15 @@ class Engine:
         CUDA or with ``compile=True`` the fused DiT operations and the blocks' regional compile), the
         fused VAE, then the memory ``plan``'s placement (none: every model stays where it is). Each
         of these is skipped where the model already has it (a DiT compiled beforehand is not
-        compiled again)."""
+        compiled again). ``device`` overrides ``config.device`` (rank 0 of a multi-GPU engine)."""
         config = config or EngineConfig()
-        device = resolve_device(config.device)
+        device = device if device is not None else resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         placement = Placement(device, offload=config.offload)
         configure_backends(device, float32=torch.float32 in (dtype, _vae_dtype(vae)))
         load_seconds = load_seconds if load_seconds is not None else {}
         lora_report, attention = prepare_dit(transformer, config, device, dtype, load_seconds, fp8_scales=fp8_scales)
-        if config.compile or (config.compile is None and device.type == "cuda"):
+        if compiles(config, device):
             from multitalk.runtime.vae_fusion import fuse_vae
 
             fuse_vae(vae, device=device)  # norm -> SiLU -> causal pad as one Triton kernel each (CUDA)
@@ -284,6 +308,10 @@ class Engine:
         wanted = lora_signature(loras)
         if self.transformer is not None and wanted == self.lora_report.signature:
             return False
+        if self.parallel is not None:  # the servants' DiTs were prepared at start and are not reloaded
+            raise UserInputError("loras", "a multi-GPU engine keeps the LoRAs it was started with "
+                                 f"({len(self.lora_report.files)} file(s))",
+                                 "start it with these LoRAs (--lora_dir), or run this job on one GPU")
         if self.config is None or (self.config.preset is None and self.config.ckpt_dir is None):
             raise RuntimeError("this engine was built from components and cannot reload its DiT for other LoRAs")
         config = replace(self.config, loras=loras)
@@ -380,6 +408,10 @@ def _weights_format(name: str | None) -> str:
 def _vae_dtype(vae) -> torch.dtype | None:
     model = getattr(vae, "model", vae)
     return next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else None
+
+
+def compiles(config: EngineConfig, device: torch.device) -> bool:
+    return bool(config.compile or (config.compile is None and device.type == "cuda"))
 
 
 def _blocks_compiled(dit: torch.nn.Module) -> bool:

@@ -27,6 +27,7 @@ from multitalk.pipeline.clips import plan_clips
 from multitalk.pipeline.color import ColorMatcher
 from multitalk.pipeline.conditioning import (draw_noise, frame_mask, motion_latent_frames,
                                              padded_condition_video, renoise)
+from multitalk.pipeline.denoiser import LocalDenoiser
 from multitalk.pipeline.engine import Engine
 from multitalk.pipeline.guidance import GuidanceState
 from multitalk.pipeline.inputs import GenerationParams, InputSpec
@@ -183,86 +184,86 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
     context_null = cond.context_null.to(device, dtype)
     ref_masks = cond.ref_masks.to(device)
     reference = cond.cond_image.to(device)          # colour-correction reference (first clip's frame)
-    cond_frames = reference                         # [3, n_cond, H, W]
     colour = ColorMatcher(reference[None], params.color_correction_strength)
     guidance_branches = GuidanceState(params).num_branches
     teacache = (TeaCache(steps, params.teacache_thresh, params.size, branches=guidance_branches)
                 if params.use_teacache else None)
     dit = engine.transformer
+    denoiser = (engine.parallel.denoiser(dit, params, teacache, guidance_branches, stage=stage)
+                if engine.parallel is not None else LocalDenoiser(dit, teacache, stage=stage))
+    cond_frames = reference                         # [3, n_cond, H, W]
     written = 0
     n_clips = len(plan.clips)
     t_loop = time.perf_counter()
     done_steps = 0
     total_steps = n_clips * steps
 
-    for ci, clip in enumerate(plan.clips):
-        first = ci == 0
-        n_cond = clip.cond_frames
-        audio = plan.audio_windows(audio_embs, clip).to(device, dtype)
-        noise = draw_noise((arch.vae.z_dim, t_lat, lat_h, lat_w), generator, device)
-        with torch.no_grad():
-            with engine.placement.use(engine.image_encoder), stage("clip_encode"):
-                clip_fea = engine.image_encoder.encode(cond_frames[:, -1]).to(device, dtype)
-            with engine.placement.use(engine.vae), stage("vae_encode"):
-                y_lat = engine.vae.encode(padded_condition_video(cond_frames, frame_num).to(device)).to(device)
-            latent_motion = y_lat[:, :motion_latent_frames(n_cond)].float()
-            msk = frame_mask(frame_num, n_cond, lat_h, lat_w, device=device)
-            y = torch.cat([msk, y_lat[None]], dim=1).to(dtype)
+    try:
+        for ci, clip in enumerate(plan.clips):
+            first = ci == 0
+            n_cond = clip.cond_frames
+            audio = plan.audio_windows(audio_embs, clip).to(device, dtype)
+            noise = draw_noise((arch.vae.z_dim, t_lat, lat_h, lat_w), generator, device)
+            with torch.no_grad():
+                with engine.placement.use(engine.image_encoder), stage("clip_encode"):
+                    clip_fea = engine.image_encoder.encode(cond_frames[:, -1]).to(device, dtype)
+                with engine.placement.use(engine.vae), stage("vae_encode"):
+                    y_lat = engine.vae.encode(padded_condition_video(cond_frames, frame_num).to(device)).to(device)
+                latent_motion = y_lat[:, :motion_latent_frames(n_cond)].float()
+                msk = frame_mask(frame_num, n_cond, lat_h, lat_w, device=device)
+                y = torch.cat([msk, y_lat[None]], dim=1).to(dtype)
 
-            latent = noise
-            if not first:
-                latent[:, :latent_motion.shape[1]] = renoise(latent_motion, timesteps[0], generator)
-            guidance = GuidanceState(params)
-            zero_audio = torch.zeros_like(audio)[-1:]
-            branches = guidance.branches(context, context_null, audio, zero_audio)
-            if teacache is not None:
-                teacache.start_clip()
-            with engine.placement.use(dit):
-                for i in range(steps):
-                    if cancelled():
-                        raise JobCancelled("cancelled")  # between sampling steps
-                    t = timesteps[i]
-                    x_in = latent.to(dtype)[None]
-                    preds = []
-                    for b, (ctx, aud) in enumerate(branches):
-                        with stage("dit"):
-                            preds.append(_dit_call(dit, x_in, t, ctx, clip_fea, y, aud, ref_masks,
-                                                   teacache, b).float()[0])
-                    noise_pred = guidance.combine(preds)
-                    dt = (timesteps[i] - timesteps[i + 1]) / arch.num_train_timesteps
-                    latent = latent - noise_pred * dt
-                    if not first:
-                        latent[:, :latent_motion.shape[1]] = renoise(latent_motion, timesteps[i + 1], generator)
-                    done_steps += 1
-                    elapsed = time.perf_counter() - t_loop
-                    eta = elapsed / done_steps * (total_steps - done_steps)
-                    report(Progress("sampling", ci + 1, n_clips, i + 1, steps, done_steps / total_steps, eta))
-            _check_finite(latent, f"clip {ci + 1}/{n_clips}: the sampled latent")
-            report(Progress("decoding", ci + 1, n_clips, steps, steps, done_steps / total_steps))
-            # decode chunk by chunk (1, 4, 4, ... frames; the same maths as one decode) and hand the
-            # new frames over at once, so colour correction, the host copy and the mp4 encoder
-            # work on early frames while the GPU decodes the later ones
-            emit_end = clip.keep_from + max(0, min(frame_num - clip.keep_from, plan.total_frames - written))
-            parts, f0 = [], 0
-            with engine.placement.use(engine.vae):
-                chunks = iter(engine.vae.decode_chunks(latent))
-                while True:
-                    with stage("vae_decode"):
-                        chunk = next(chunks, None)                     # [3, n, H, W] float32
-                    if chunk is None:
-                        break
-                    _check_finite(chunk, f"clip {ci + 1}/{n_clips}: the decoded frames")
-                    with stage("color_correction"):
-                        chunk = colour(chunk[None])[0]                 # as is at strength 0
-                    parts.append(chunk)
-                    f1 = f0 + chunk.shape[1]
-                    lo, hi = max(f0, clip.keep_from), min(f1, emit_end)
-                    if hi > lo:
-                        on_frames(chunk[:, lo - f0:hi - f0].cpu())
-                        written += hi - lo
-                    f0 = f1
-            video = torch.cat(parts, dim=1)                           # [3, frame_num, H, W]
-        cond_frames = video[:, -motion_frame:].to(device)
+                latent = noise
+                if not first:
+                    latent[:, :latent_motion.shape[1]] = renoise(latent_motion, timesteps[0], generator)
+                guidance = GuidanceState(params)
+                zero_audio = torch.zeros_like(audio)[-1:]
+                branches = guidance.branches(context, context_null, audio, zero_audio)
+                if teacache is not None:
+                    teacache.start_clip()
+                denoiser.start_clip(branches, clip_fea, y, ref_masks)
+                with engine.placement.use(dit):
+                    for i in range(steps):
+                        if cancelled():
+                            raise JobCancelled("cancelled")  # between sampling steps
+                        t = timesteps[i]
+                        noise_pred = guidance.combine(denoiser.predict(latent.to(dtype)[None], t))
+                        dt = (timesteps[i] - timesteps[i + 1]) / arch.num_train_timesteps
+                        latent = latent - noise_pred * dt
+                        if not first:
+                            latent[:, :latent_motion.shape[1]] = renoise(latent_motion, timesteps[i + 1], generator)
+                        done_steps += 1
+                        elapsed = time.perf_counter() - t_loop
+                        eta = elapsed / done_steps * (total_steps - done_steps)
+                        report(Progress("sampling", ci + 1, n_clips, i + 1, steps, done_steps / total_steps, eta))
+                _check_finite(latent, f"clip {ci + 1}/{n_clips}: the sampled latent")
+                report(Progress("decoding", ci + 1, n_clips, steps, steps, done_steps / total_steps))
+                # decode chunk by chunk (1, 4, 4, ... frames; the same maths as one decode) and hand the
+                # new frames over at once, so colour correction, the host copy and the mp4 encoder
+                # work on early frames while the GPU decodes the later ones
+                emit_end = clip.keep_from + max(0, min(frame_num - clip.keep_from, plan.total_frames - written))
+                parts, f0 = [], 0
+                with engine.placement.use(engine.vae):
+                    chunks = iter(engine.vae.decode_chunks(latent))
+                    while True:
+                        with stage("vae_decode"):
+                            chunk = next(chunks, None)                     # [3, n, H, W] float32
+                        if chunk is None:
+                            break
+                        _check_finite(chunk, f"clip {ci + 1}/{n_clips}: the decoded frames")
+                        with stage("color_correction"):
+                            chunk = colour(chunk[None])[0]                 # as is at strength 0
+                        parts.append(chunk)
+                        f1 = f0 + chunk.shape[1]
+                        lo, hi = max(f0, clip.keep_from), min(f1, emit_end)
+                        if hi > lo:
+                            on_frames(chunk[:, lo - f0:hi - f0].cpu())
+                            written += hi - lo
+                        f0 = f1
+                video = torch.cat(parts, dim=1)                           # [3, frame_num, H, W]
+            cond_frames = video[:, -motion_frame:].to(device)
+    finally:
+        denoiser.close()
     timings["sampling_s"] = time.perf_counter() - t_loop
     mix = cond.mix[: int(round(written / FPS * SAMPLE_RATE))]
     return GenerationResult(written, cond.width, cond.height, FPS, seed, written / FPS, n_clips, mix, timings)
@@ -274,17 +275,3 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
         raise GenerationError(f"{what} hold NaN or Inf values: the run stopped and no video was written "
                               "(a float16 --dtype can overflow: use bfloat16 or float32)")
 
-
-def _dit_call(dit, x, t, context, clip_fea, y, audio, ref_masks, teacache, branch):
-    kwargs = dict(hidden_states=x, timestep=t, encoder_hidden_states=[context],
-                  encoder_hidden_states_image=clip_fea, y=y, audio=audio, ref_target_masks=ref_masks)
-    if teacache is None:
-        return dit(**kwargs)
-    state = dit.prepare(**kwargs)
-    if teacache.should_compute(branch, state.timestep_proj):
-        hidden_in = state.hidden_states
-        hidden = dit.run_blocks(state)
-        teacache.store_residual(branch, hidden - hidden_in)
-    else:
-        hidden = teacache.apply(branch, state.hidden_states)
-    return dit.finish(state, hidden)

@@ -2,6 +2,7 @@
 
 ``PipelineRunner(preset="tiny")`` or ``PipelineRunner(ckpt_dir=..., wav2vec_dir=..., multitalk_dir=...)``;
 ``tts_dir``: a Kokoro folder for jobs whose ``tts_audio`` names Kokoro voices (espeak-ng otherwise).
+``gpus=N`` makes the runner rank 0 of N processes (:mod:`multitalk.pipeline.parallel`).
 ``run(request, workdir, progress, should_cancel)`` takes the job body with every medium already
 fetched to a local path and returns ``{video_path, frames, duration_s, width, height, seed}``.
 
@@ -37,13 +38,15 @@ class PipelineRunner:
                  multitalk_dir: str | None = None, preset: str | None = None, device: str = "auto",
                  dtype: str = "auto", offload: bool = False, fp8: bool = False, compile: bool | None = None,
                  attention: str = "auto", weights: str = "auto", max_vram_gib: float | None = None,
-                 num_persistent_param_in_dit: int | None = None, tts_dir: str | None = None):
+                 num_persistent_param_in_dit: int | None = None, tts_dir: str | None = None,
+                 gpus: int = 1, parallel: str = "auto"):
         self.config = EngineConfig(ckpt_dir=Path(ckpt_dir) if ckpt_dir else None,
                                    wav2vec_dir=Path(wav2vec_dir) if wav2vec_dir else None,
                                    multitalk_dir=Path(multitalk_dir) if multitalk_dir else None,
                                    preset=preset, device=device, dtype=dtype, offload=offload, fp8=fp8,
                                    compile=compile, attention=attention, weights=weights,
-                                   max_vram_gib=max_vram_gib, num_persistent_param_in_dit=num_persistent_param_in_dit)
+                                   max_vram_gib=max_vram_gib, num_persistent_param_in_dit=num_persistent_param_in_dit,
+                                   gpus=gpus, parallel=parallel)
         self.engine: Engine | None = None
         self._lock = threading.Lock()
         self._meta_dit = None  # the DiT on ``meta``: LoRA files are checked against it at submission
@@ -68,6 +71,13 @@ class PipelineRunner:
         if engine.plan is not None:
             log.info(engine.plan.summary())
         return engine
+
+    def close(self) -> None:
+        """Stop the other processes of a multi-GPU engine (``gpus > 1``)."""
+        with self._lock:
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
 
     def run(self, request: dict, workdir: Path, progress, should_cancel) -> dict:
         self.load()

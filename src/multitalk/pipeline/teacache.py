@@ -95,9 +95,17 @@ class TeaCache:
         """Remember ``blocks_output - blocks_input`` of a computed call."""
         self._residual[branch] = residual.detach()
 
+    def note_residual(self, branch: int) -> None:
+        """A computed call whose residual another process keeps (guidance/sequence parallelism: the
+        process that ran the branch stores its own slice and applies it when told to skip)."""
+        self._residual[branch] = _HELD_ELSEWHERE
+
     def apply(self, branch: int, hidden: torch.Tensor) -> torch.Tensor:
         """The blocks' output of a skipped call: ``hidden + previous residual`` of the branch."""
         residual = self._residual[branch]
-        if residual is None:
-            raise RuntimeError(f"TeaCache: no residual stored for branch {branch}")
+        if residual is None or residual is _HELD_ELSEWHERE:
+            raise RuntimeError(f"TeaCache: no residual stored for branch {branch} on this process")
         return hidden + residual.to(hidden.dtype)
+
+
+_HELD_ELSEWHERE = object()

@@ -14,7 +14,7 @@ import signal
 import threading
 from pathlib import Path
 
-from multitalk.errors import UserInputError
+from multitalk.errors import MultiTalkError, UserInputError
 
 from .api import create_app
 from .config import ServiceConfig
@@ -154,6 +154,17 @@ def worker(data_dir: str | Path | None = None,
     log.info("worker %s serving %s", w.worker_id, store.describe())
     background.start()
     try:
-        return w.serve_forever(stop, max_jobs=max_jobs)
+        done = w.serve_forever(stop, max_jobs=max_jobs)
     finally:
         background.stop(timeout=10)
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
+    if w.fatal is not None:
+        raise WorkerStopped(f"worker stopped after {done} jobs: {w.fatal}; restart it (its job was put back "
+                            "in the queue)")
+    return done
+
+
+class WorkerStopped(MultiTalkError):
+    """The worker cannot go on (a GPU process of a multi-GPU worker died); a restart is needed."""

@@ -225,6 +225,27 @@ class JobStore:
             self._finish(c, row, status, self._now(c), result=result, error=error)
             return True
 
+    def release(self, job_id: str, worker_id: str, error: dict) -> str | None:
+        """Give back a running job whose attempt ended through no fault of the job (a GPU process of
+        the worker died): queued again with ``error`` as the reason of the last attempt, or failed
+        with it once ``max_attempts`` leases were used (cancelled if that was asked). Returns the
+        new status; None when ``worker_id`` no longer held the lease."""
+        with self._tx() as c:
+            row = _one(c.execute("SELECT * FROM jobs WHERE id=? AND lease_owner=? AND "
+                                 "status='running'" + self.lock_row, (job_id, worker_id)))
+            if row is None:
+                return None
+            now = self._now(c)
+            if row["cancel_requested"]:
+                self._finish(c, row, "cancelled", now)
+                return "cancelled"
+            if row["attempts"] >= self.max_attempts:
+                self._finish(c, row, "failed", now, error=error)
+                return "failed"
+            c.execute("UPDATE jobs SET status='queued', error=?, lease_owner=NULL, lease_expires_at=NULL, "
+                      "progress=NULL WHERE seq=?", (json.dumps(error), row["seq"]))
+            return "queued"
+
     def _finish(self, c, row, status: str, now: float, *, result: dict | None = None,
                 error: dict | None = None) -> None:
         """Move ``row`` to a terminal ``status``; queue its webhook in the same transaction."""

@@ -32,7 +32,7 @@ from typing import Callable
 
 import tenacity
 
-from multitalk.errors import JobCancelled, MemoryPlanError, UserInputError
+from multitalk.errors import JobCancelled, MemoryPlanError, ParallelError, UserInputError
 
 from .bounds import check_audio
 from .config import ServiceConfig
@@ -86,6 +86,9 @@ class Worker:
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.lora_cache = LoraCache(storage, Path(config.data_dir) / "loras", config.max_lora_bytes)
+        # a multi-GPU runner whose process group broke (a GPU process died): this worker stops and
+        # must be restarted; the job it ran was given back to the queue
+        self.fatal: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self) -> None:
@@ -104,7 +107,7 @@ class Worker:
         if not self.ready.is_set():
             self.load()
         done, outage = 0, False
-        while not stop.is_set() and (max_jobs is None or done < max_jobs):
+        while not stop.is_set() and self.fatal is None and (max_jobs is None or done < max_jobs):
             try:
                 worked = self.run_once()
                 if outage:
@@ -169,6 +172,8 @@ class Worker:
             status = "succeeded"
         except _Lost:
             status = None
+        except ParallelError as e:  # a GPU process of this worker died: not the job's fault
+            status, error = None, e
         except Exception as e:  # noqa: BLE001 - every failure becomes a job error
             if lost.is_set():
                 status = None
@@ -182,6 +187,9 @@ class Worker:
         finally:
             finished.set()
             beat.join(timeout=5)
+        if isinstance(error, ParallelError):
+            self._give_back(job_id, error)
+            return
         if error is not None and error["code"] in ("out_of_memory", "timeout"):
             _free_accelerator_memory()      # after the except block: the traceback's tensors are gone
 
@@ -196,6 +204,18 @@ class Worker:
         if not keep and not self.config.keep_workdirs:
             shutil.rmtree(self.config.work_dir / job_id, ignore_errors=True)
         self.notify(job_id)
+
+    def _give_back(self, job_id: str, e: ParallelError) -> None:
+        """The job's attempt ended because the worker's process group broke: queue it again (or fail
+        it after ``max_attempts``) with the reason, and stop this worker (its GPUs need a restart)."""
+        error = {"code": "worker_lost", "message": f"a GPU process of worker {self.worker_id} failed: {e}",
+                 "hint": "the worker stops and must be restarted; the job is retried on the next lease"}
+        status = self.store.release(job_id, self.worker_id, error)
+        self.fatal = str(e)
+        log.error("job %s: %s; job %s, worker stopping for a restart", job_id, e, status or "lease already lost")
+        if status in ("failed", "cancelled"):
+            self.metrics.jobs_finished.labels(status=status).inc()
+            self.notify(job_id)
 
     def _localise(self, request: dict, inputs: Path) -> dict:
         """The request with every input URI replaced by a fetched local path."""
