@@ -58,6 +58,11 @@ CASES = {
     "para": dict(json="multitalk_example_1.json", audio_type="para", bbox=None, vectors="e2e_multi_para_stream",
                  frames=25, params=dict(frame_num=9, motion_frame=5, mode="streaming", max_frames=25,
                                         sample_steps=4, sample_shift=7, seed=2024, color_correction_strength=1.0)),
+    # para without colour correction: tells the GPU arithmetic apart from the colour matching's
+    # amplification of it (para is the case with colour correction 1.0 and speech-free frames)
+    "para_nocc": dict(json="multitalk_example_1.json", audio_type="para", bbox=None, frames=25, params=dict(
+        frame_num=9, motion_frame=5, mode="streaming", max_frames=25, sample_steps=4, sample_shift=7, seed=2024,
+        color_correction_strength=0.0)),
     "streaming": dict(json="multitalk_example_1.json", params=dict(
         frame_num=17, motion_frame=5, mode="streaming", max_frames=61, sample_steps=4, seed=7,
         color_correction_strength=1.0)),
