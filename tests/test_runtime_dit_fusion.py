@@ -100,13 +100,13 @@ def test_fused_tiny_dit_reproduces_the_golden_forward(tiny_ckpt_dir, golden_vect
     for block in model.blocks:
         block.attn1.processor.qk_override = None
     model.blocks[0].attn1.processor.qk_override = spy
-    for case in ("dit_1person", "dit_2person_bbox"):
+    for case in ("dit_2person_bbox",):   # the two-speaker case: also the speaker map's use of q/k
         v = golden_vectors(case)
         with torch.no_grad():
             out = model(v["x"][None], v["t"], [v["context"]], v["clip_fea"], v["y"], v["audio"],
                         v["ref_target_masks"])
         assert rel_l2(out[0], v["out"]) <= 1e-5
-    assert len(calls) == 2
+    assert len(calls) == 1
     unfuse_dit(model)
     assert all(isinstance(b.ffn.net[0], GELU) for b in model.blocks)
     assert all(b.attn1.processor.qk_override is None for b in model.blocks)
