@@ -135,8 +135,7 @@ def test_streaming_30s_uses_about_the_memory_of_5s(tmp_path, home):
         runs[seconds] = _maxrss_mb(proc)
     print(json.dumps({f"maxrss_mb_{s}s": round(v, 1) for s, v in runs.items()}))
     # Holding the frames would add at least the whole 30 s video: 54 MB as uint8, 215 MB as the
-    # pipeline's float32 frames. Measured 2026-12-02: 906 MB (5 s) and 943 MB (30 s); the 37 MB
-    # are the longer track's audio features and speech mix, which the run keeps (a few MB per
-    # second of speech, not per frame).
+    # pipeline's float32 frames. Measured 2026-12-02: 906 MB (5 s) and 943 MB (30 s); what grows
+    # with the track besides frames (speech, audio features, their encoder's peak) is in those 37 MB.
     video_u8_mb = 30 * FPS * 3 * 112 * 224 / 2**20
     assert runs[30] - runs[5] < video_u8_mb, runs
