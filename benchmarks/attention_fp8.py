@@ -37,14 +37,11 @@ MIN_CUDNN_BACKEND = 90100                               # fp8 SDPA forward (9.10
 
 def availability(device: torch.device | str | None = None) -> tuple[bool, str]:
     """``(True, "")`` when the fp8 cuDNN attention can run here, else ``(False, why)``."""
-    if not torch.cuda.is_available():
-        return False, "needs a CUDA GPU"
-    dev = torch.device(device if device is not None else "cuda")
-    if dev.type != "cuda":
-        return False, f"needs a CUDA device, got {dev}"
-    major, minor = torch.cuda.get_device_capability(dev)
-    if major < 9:
-        return False, f"needs a Hopper or newer GPU (compute capability 9.0+), this one is {major}.{minor}"
+    from multitalk.runtime.attention_int8 import hopper_problem
+
+    problem = hopper_problem(device)
+    if problem is not None:
+        return False, problem
     try:
         import cudnn  # nvidia-cudnn-frontend
     except ImportError:

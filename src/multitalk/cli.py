@@ -551,7 +551,8 @@ def ui(
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
 
     def run():
-        from multitalk.ui.web import create_page, is_loopback, serve_page
+        from multitalk.hosts import is_loopback
+        from multitalk.ui.web import create_page, serve_page
 
         try:
             import gradio  # noqa: F401

@@ -414,16 +414,24 @@ def reference_int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # The self-attention override
 
 
-def availability(device: torch.device | str | None = None) -> tuple[bool, str]:
-    """``(True, "")`` when the Triton kernel can run on ``device``, else ``(False, why)``."""
+def hopper_problem(device: torch.device | str | None = None) -> str | None:
+    """Why ``device`` is not a Hopper-or-newer CUDA GPU (None when it is)."""
     if not torch.cuda.is_available():
-        return False, "needs a CUDA GPU"
+        return "needs a CUDA GPU"
     dev = torch.device(device if device is not None else "cuda")
     if dev.type != "cuda":
-        return False, f"needs a CUDA device, got {dev}"
+        return f"needs a CUDA device, got {dev}"
     major, minor = torch.cuda.get_device_capability(dev)
     if major < 9:
-        return False, f"needs a Hopper or newer GPU (compute capability 9.0+), this one is {major}.{minor}"
+        return f"needs a Hopper or newer GPU (compute capability 9.0+), this one is {major}.{minor}"
+    return None
+
+
+def availability(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """``(True, "")`` when the Triton kernel can run on ``device``, else ``(False, why)``."""
+    problem = hopper_problem(device)
+    if problem is not None:
+        return False, problem
     try:
         import triton  # noqa: F401
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401

@@ -8,13 +8,13 @@ a webhook dispatcher (the store's outbox) and, when retention is set, a retentio
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import threading
 from pathlib import Path
 
 from multitalk.errors import MultiTalkError, UserInputError
+from multitalk.hosts import is_loopback
 
 from .api import create_app
 from .config import ServiceConfig
@@ -31,13 +31,6 @@ log = logging.getLogger(__name__)
 DEFAULT_RUNNER = "multitalk.pipeline.runner:PipelineRunner"
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Background:

@@ -500,16 +500,6 @@ __all__ = ["PageDefaults", "Recipe", "available_recipes", "lora_recipes", "build
            "page_defaults", "progress_html", "serve_page"]
 
 
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def create_page(*, data_dir: str | Path, api: str | None = None, token: str | None = None,
                 engine_config=None, tts_dir: str | Path | None = None, preset: str | None = None,
@@ -537,4 +527,4 @@ def create_page(*, data_dir: str | Path, api: str | None = None, token: str | No
     return app, backend
 
 
-__all__ += ["create_page", "is_loopback"]
+__all__ += ["create_page"]
