@@ -97,3 +97,18 @@ def test_loras_merge_before_fp8_quantisation(home, loras):
     fp8.use_loras([])
     back = fp8.transformer.get_submodule(names[0]).weight_fp8.float()
     assert torch.equal(back, Fp8Linear(reference_dit(()).get_submodule(names[0])).weight_fp8.float())
+
+
+def test_a_multi_gpu_engine_keeps_the_loras_it_started_with(home, loras):
+    """Rank 0 cannot re-merge its servants' DiTs: another set is one clear error, the same set runs."""
+    from types import SimpleNamespace
+
+    from multitalk.errors import UserInputError
+
+    engine = Engine.load(_config(loras=(LoraSpec(loras["a"], 1.0),)))
+    dit = engine.transformer
+    engine.parallel = SimpleNamespace(close=lambda: None)   # what load_parallel_engine sets on rank 0
+    assert engine.use_loras([LoraSpec(loras["a"], 1.0)]) is False
+    with pytest.raises(UserInputError, match="multi-GPU engine keeps the LoRAs it was started with"):
+        engine.use_loras([])
+    assert engine.transformer is dit and [f["file"] for f in engine.lora_report.files] == ["a.safetensors"]
