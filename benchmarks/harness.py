@@ -18,7 +18,9 @@ import math
 import os
 import platform
 import re
+import shutil
 import statistics
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -223,6 +225,65 @@ class StageTimer:
             sync(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             self.calls[name] = self.calls.get(name, 0) + 1
+
+
+def timed_generate(s: Setting, engine, params, conditions: Callable[[StageTimer], object], audio: np.ndarray,
+                   sec: dict, mp4_key: str, on_frames: Callable[[torch.Tensor], None] | None = None):
+    """One ``pipeline.generate`` run timed per stage, its frames streamed to an mp4 as ``pipeline.render``
+    does (``BackgroundWriter``; the file's size goes to ``sec[mp4_key]``, a missing encoder to
+    ``sec["mp4_error"]``). ``conditions(timer)`` builds the ``Conditions`` inside the timed window;
+    ``on_frames`` sees every delivered chunk first. Returns ``(total_s, stages_s + "other", timer, result)``."""
+    from multitalk.media.video import BackgroundWriter
+    from multitalk.pipeline.generate import generate
+
+    timer = StageTimer(s.device)
+    out_dir = Path(tempfile.mkdtemp(prefix="multitalk-bench-generate-"))
+    writer = mp4 = None
+    try:
+        sync(s.device)
+        t_start = time.perf_counter()
+        cond = conditions(timer)
+        mp4 = _mp4_writer(out_dir / "video.mp4", s, audio, sec)
+        writer = BackgroundWriter(mp4) if mp4 is not None else None
+
+        def deliver(frames: torch.Tensor) -> None:
+            if on_frames is not None:
+                on_frames(frames)
+            if writer is not None:
+                with timer.stage("mp4_write"):  # only a wait when the encoder thread falls behind
+                    writer.write_frames(frames)
+
+        # clip_encode, vae_encode, dit, vae_decode, color_correction: generate's own stage hook
+        result = generate(engine, None, params, on_frames=deliver, conditions=cond, stages=timer.stage)
+        if writer is not None:
+            with timer.stage("mp4_write"):  # what is left to encode after the last frame
+                writer.close()
+                mp4.close()
+            writer = None
+            sec[mp4_key] = (out_dir / "video.mp4").stat().st_size
+        sync(s.device)
+        total = time.perf_counter() - t_start
+    finally:
+        if writer is not None:
+            writer.abort()
+            mp4.abort()
+        shutil.rmtree(out_dir, ignore_errors=True)
+    stages = dict(timer.seconds)
+    stages["other"] = total - sum(stages.values())
+    return total, stages, timer, result
+
+
+def _mp4_writer(path: Path, s: Setting, audio: np.ndarray, sec: dict):
+    try:
+        from multitalk.media.video import Mp4Writer
+    except ImportError as exc:
+        sec["mp4_error"] = f"no multitalk.media.video.Mp4Writer: {exc}"
+        return None
+    try:
+        return Mp4Writer(path, width=s.width, height=s.height, fps=25, audio=audio, sample_rate=16000)
+    except Exception as exc:  # no H.264 encoder in this PyAV build, ...
+        sec["mp4_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        return None
 
 
 def kernel_breakdown(fn: Callable[[], object]) -> dict:

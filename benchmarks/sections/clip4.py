@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from builders import build_engine
-from harness import NAN, Bench, Setting, StageTimer, free_memory, sync
+from harness import NAN, Bench, free_memory, timed_generate
 
 
 def run(b: Bench) -> None:
@@ -48,75 +45,36 @@ def _process_rng(device: torch.device) -> list[torch.Tensor]:
 
 
 def _clip4_once(b: Bench, engine, steps: int, sec: dict, label: str):
-    from multitalk.media.video import BackgroundWriter
-    from multitalk.pipeline.generate import Conditions, generate
+    from multitalk.pipeline.generate import Conditions
     from multitalk.pipeline.inputs import GenerationParams
     from multitalk.pipeline.speakers import speaker_masks
 
     s = b.setting
     params = GenerationParams(size="multitalk-480", frame_num=s.frames, mode="clip", sample_steps=steps, seed=42)
-    timer = StageTimer(s.device)
     speech = (np.random.default_rng(0).standard_normal(int(3.3 * 16000)) * 0.1).astype(np.float32)
-    out_dir = Path(tempfile.mkdtemp(prefix="multitalk-bench-clip4-"))
-    writer = None
-    try:
-        sync(s.device)
-        t_start = time.perf_counter()
+    frames_seen, checksum, rng = [], [], []
+
+    def conditions(timer):
         with timer.stage("audio_features"):
             emb = engine.audio_encoder.embed(speech, fps=25)
         with timer.stage("text_encode"):
             context, context_null = engine.text_encoder.encode(["a person talking", s.arch.sample_neg_prompt])
         cond_image = torch.rand(3, 1, s.height, s.width, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        cond = Conditions(speech=[speech], mix=speech, audio_embs=[emb], num_audio_frames=emb.shape[0],
+        rng.extend(_process_rng(s.device))
+        return Conditions(speech=[speech], mix=speech, audio_embs=[emb], num_audio_frames=emb.shape[0],
                           context=context, context_null=context_null, cond_image=cond_image,
                           ref_masks=speaker_masks(s.height, s.width, s.height, s.width, 1),
                           height=s.height, width=s.width)
-        mp4 = _mp4_writer(out_dir / "clip4.mp4", s, speech, sec)
-        writer = BackgroundWriter(mp4) if mp4 is not None else None  # as pipeline.render does
-        frames_seen, checksum = [], []
 
-        def on_frames(frames: torch.Tensor) -> None:
-            frames_seen.append(frames.shape[1])
-            checksum.append(float(frames.sum(dtype=torch.float64)))
-            if writer is not None:
-                with timer.stage("mp4_write"):  # only a wait when the encoder thread falls behind
-                    writer.write_frames(frames)
+    def on_frames(frames: torch.Tensor) -> None:
+        frames_seen.append(frames.shape[1])
+        checksum.append(float(frames.sum(dtype=torch.float64)))
 
-        # clip_encode, vae_encode, dit, vae_decode, color_correction: generate's own stage hook
-        rng = _process_rng(s.device)
-        result = generate(engine, None, params, on_frames=on_frames, conditions=cond, stages=timer.stage)
-        # the noise comes from the run's own generator: the process's RNG is untouched, and the same
-        # seed gives the same frames on the cold and the warm run (a worker's jobs are reproducible)
-        sec[f"{label}_process_rng_untouched"] = all(map(torch.equal, rng, _process_rng(s.device)))
-        sec[f"{label}_frames_checksum"] = sum(checksum)
-        if writer is not None:
-            with timer.stage("mp4_write"):  # what is left to encode after the last frame
-                writer.close()
-                mp4.close()
-            writer = None
-            sec["mp4_bytes"] = (out_dir / "clip4.mp4").stat().st_size
-        sync(s.device)
-        total = time.perf_counter() - t_start
-    finally:
-        if writer is not None:
-            writer.abort()
-            mp4.abort()
-        shutil.rmtree(out_dir, ignore_errors=True)
-    stages = dict(timer.seconds)
-    stages["other"] = total - sum(stages.values())
+    total, stages, timer, result = timed_generate(s, engine, params, conditions, speech, sec, "mp4_bytes", on_frames)
+    # the noise comes from the run's own generator: the process's RNG is untouched, and the same
+    # seed gives the same frames on the cold and the warm run (a worker's jobs are reproducible)
+    sec[f"{label}_process_rng_untouched"] = all(map(torch.equal, rng, _process_rng(s.device)))
+    sec[f"{label}_frames_checksum"] = sum(checksum)
     sec.update(stage_calls=timer.calls, frames=result.frames, frames_delivered=sum(frames_seen),
                generate_timings=result.timings)
     return total, stages
-
-
-def _mp4_writer(path: Path, s: Setting, speech: np.ndarray, sec: dict):
-    try:
-        from multitalk.media.video import Mp4Writer
-    except ImportError as exc:
-        sec["mp4_error"] = f"no multitalk.media.video.Mp4Writer: {exc}"
-        return None
-    try:
-        return Mp4Writer(path, width=s.width, height=s.height, fps=25, audio=speech, sample_rate=16000)
-    except Exception as exc:  # no H.264 encoder in this PyAV build, ...
-        sec["mp4_error"] = f"{type(exc).__name__}: {exc}"[:500]
-        return None

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from builders import build_engine
-from harness import Bench, StageTimer, free_memory, sync
+from harness import Bench, free_memory, timed_generate
 
 TINY_CPU = False  # its own smoke test runs it (tests/test_bench_video10s_lora.py): ~30 s of CPU
 
@@ -114,52 +114,24 @@ def run(b: Bench) -> None:
 
 
 def _video_once(s, engine, params, speech: list[np.ndarray], sec: dict, label: str):
-    from multitalk.media.video import BackgroundWriter
-    from multitalk.pipeline.generate import Conditions, generate
+    from multitalk.pipeline.generate import Conditions
     from multitalk.pipeline.speakers import speaker_masks
-    from sections.clip4 import _mp4_writer
 
-    timer = StageTimer(s.device)
-    out_dir = Path(tempfile.mkdtemp(prefix="multitalk-bench-video10s-"))
     mix = speech[0] + speech[1]
-    writer = mp4 = None
-    try:
-        sync(s.device)
-        t_start = time.perf_counter()
+    delivered = []
+
+    def conditions(timer):
         with timer.stage("audio_features"):
             embs = [engine.audio_encoder.embed(x, fps=25) for x in speech]
         with timer.stage("text_encode"):
             context, context_null = engine.text_encoder.encode(["two people talking", s.arch.sample_neg_prompt])
         cond_image = torch.rand(3, 1, s.height, s.width, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        cond = Conditions(speech=speech, mix=mix, audio_embs=embs, num_audio_frames=max(e.shape[0] for e in embs),
+        return Conditions(speech=speech, mix=mix, audio_embs=embs, num_audio_frames=max(e.shape[0] for e in embs),
                           context=context, context_null=context_null, cond_image=cond_image,
                           ref_masks=speaker_masks(s.height, s.width, s.height, s.width, 2), height=s.height, width=s.width)
-        mp4 = _mp4_writer(out_dir / "video.mp4", s, mix, sec)
-        writer = BackgroundWriter(mp4) if mp4 is not None else None  # as pipeline.render does
-        delivered = []
 
-        def on_frames(frames: torch.Tensor) -> None:
-            delivered.append(frames.shape[1])
-            if writer is not None:
-                with timer.stage("mp4_write"):
-                    writer.write_frames(frames)
-
-        result = generate(engine, None, params, on_frames=on_frames, conditions=cond, stages=timer.stage)
-        if writer is not None:
-            with timer.stage("mp4_write"):
-                writer.close()
-                mp4.close()
-            writer = None
-            sec[f"{label}_mp4_bytes"] = (out_dir / "video.mp4").stat().st_size
-        sync(s.device)
-        total = time.perf_counter() - t_start
-    finally:
-        if writer is not None:
-            writer.abort()
-            mp4.abort()
-        shutil.rmtree(out_dir, ignore_errors=True)
-    stages = dict(timer.seconds)
-    stages["other"] = total - sum(stages.values())
+    total, stages, timer, result = timed_generate(s, engine, params, conditions, mix, sec, f"{label}_mp4_bytes",
+                                                  lambda frames: delivered.append(frames.shape[1]))
     sec[f"{label}_frames"], sec[f"{label}_clips"] = result.frames, result.num_clips
     sec[f"{label}_frames_delivered"] = sum(delivered)
     return total, stages, dict(timer.calls)

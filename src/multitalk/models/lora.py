@@ -60,12 +60,12 @@ import torch
 from torch import nn
 
 from multitalk.errors import CheckpointError, UserInputError
+from multitalk.models.checkpoint import read_safetensors
 from multitalk.models.official_files import read_safetensors_header
 from multitalk.models.transformer import convert_dit_key, official_dit_key
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("official", "kohya", "diffusers")
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _MERGEABLE = (torch.float32, torch.bfloat16, torch.float16)
 # (key suffix, role); the longest match wins, ".diff_b" before ".diff"
@@ -429,31 +429,26 @@ def _peft_alpha(metadata: dict, module: str) -> tuple[float | None, bool]:
 
 def read_lora(path_or_plan: str | os.PathLike | LoraFile, targets: LoraTargets, index: int | None = None) -> LoraFile:
     """:func:`plan_lora`, then the tensors: every one finite, alphas read, factors set."""
-    from safetensors import safe_open
-
     plan = path_or_plan if isinstance(path_or_plan, LoraFile) else plan_lora(path_or_plan, targets, index)
-    file = plan.name
-    factors: dict[str, float] = {}
-
-    def get(f, key: str) -> torch.Tensor:
-        t = f.get_tensor(key)
+    needed = [k for u in plan.updates for k in (u.key, u.down_key, u.alpha_key) if k is not None]
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t, _ in read_safetensors(plan.path, needed):
         if not torch.isfinite(t).all():
-            raise LoraError("holds NaN or infinite values", file=file, key=key, index=index,
+            raise LoraError("holds NaN or infinite values", file=plan.name, key=key, index=index,
                             fix="the file is damaged; download it again")
-        return t
-
-    with safe_open(str(plan.path), framework="pt", device="cpu") as f:
-        for u in plan.updates:
-            if u.kind == "diff":
-                u.diff = get(f, u.key)
-                continue
-            u.up, u.down = get(f, u.key), get(f, u.down_key)
-            alpha, rslora = (float(get(f, u.alpha_key).float().reshape(-1)[0]), False) if u.alpha_key else (None, False)
-            if alpha is None and plan.format == "diffusers":
-                alpha, rslora = _peft_alpha(plan.metadata, u.module)
-            if alpha is not None:
-                u.factor = alpha / (math.sqrt(u.rank) if rslora else u.rank)
-            factors[u.module] = u.factor
+        tensors[key] = t
+    factors: dict[str, float] = {}
+    for u in plan.updates:
+        if u.kind == "diff":
+            u.diff = tensors[u.key]
+            continue
+        u.up, u.down = tensors[u.key], tensors[u.down_key]
+        alpha, rslora = (float(tensors[u.alpha_key].float().reshape(-1)[0]), False) if u.alpha_key else (None, False)
+        if alpha is None and plan.format == "diffusers":
+            alpha, rslora = _peft_alpha(plan.metadata, u.module)
+        if alpha is not None:
+            u.factor = alpha / (math.sqrt(u.rank) if rslora else u.rank)
+        factors[u.module] = u.factor
     for u in plan.updates:
         if u.factor_of is not None:
             u.factor = factors[u.factor_of]
@@ -625,7 +620,7 @@ def random_official_lora(dit, rank: int = 32, seed: int = 0, *, diffs: bool = Tr
 
 
 __all__ = [
-    "FORMATS", "LoraError", "LoraFile", "LoraReport", "LoraSpec", "LoraTargets", "LoraUpdate", "apply_loras",
+    "LoraError", "LoraFile", "LoraReport", "LoraSpec", "LoraTargets", "LoraUpdate", "apply_loras",
     "check_loras", "check_scale", "file_sha256", "lora_signature", "merge_loras", "plan_lora", "random_official_lora",
     "read_lora", "read_loras", "resolve_lora_path",
 ]

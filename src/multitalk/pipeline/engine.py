@@ -95,6 +95,10 @@ class EngineConfig:
 
     def resolved_dirs(self) -> tuple[Path, Path, Path | None]:
         self.check()
+        return self._folders()
+
+    def _folders(self) -> tuple[Path, Path, Path | None]:
+        """The model folders (the tiny ones written once), for a config already :meth:`check` ed."""
         if self.preset is not None:
             from multitalk.models.tiny import default_tiny_dir, write_tiny_checkpoints
 
@@ -103,14 +107,15 @@ class EngineConfig:
         return Path(self.ckpt_dir), Path(self.wav2vec_dir), (
             Path(self.multitalk_dir) if self.multitalk_dir else None)
 
-    def check_loras(self, loras: Sequence[LoraSpec] | None = None) -> None:
-        """Check LoRA files (keys, shapes; headers only) against this checkpoint's DiT, before loading it."""
+    def check_loras(self, loras: Sequence[LoraSpec] | None = None, arch: Architecture | None = None) -> None:
+        """Check LoRA files (keys, shapes; headers only) against this checkpoint's DiT, before loading it
+        (``arch``: the checkpoint's architecture, when the caller has already detected it)."""
         from multitalk.models.transformer import build_transformer_on_meta
 
         loras = self.loras if loras is None else loras
         if loras:
-            ckpt_dir, _, _ = self.resolved_dirs()
-            check_loras(build_transformer_on_meta(detect_architecture(ckpt_dir).dit), loras)
+            arch = arch or detect_architecture(self.resolved_dirs()[0])
+            check_loras(build_transformer_on_meta(arch.dit), loras)
 
 
 def load_dit(config: EngineConfig, ckpt_dir: Path, multitalk_dir: Path | None, arch: Architecture,
@@ -215,12 +220,12 @@ class Engine:
 
         checked, dtype, vae_dtype = config.check()  # folders, device, dtypes, attention: before any file is touched
         device = device if device is not None else checked
-        ckpt_dir, w2v_dir, mt_dir = config.resolved_dirs()
-        config.check_loras()  # a bad LoRA file fails before any model is read
+        ckpt_dir, w2v_dir, mt_dir = config._folders()
         arch = detect_architecture(ckpt_dir)
+        config.check_loras(arch=arch)  # a bad LoRA file fails before any model is read
         weights = _weights_format(config.weights)
         offload = config.offload and device.type != "cpu"
-        compiled = bool(config.compile or (config.compile is None and device.type == "cuda"))
+        compiled = compiles(config, device)
         # the memory plan decides where each model lives before anything is loaded, so that nothing
         # is loaded twice (streamed blocks go to host memory, resident ones straight to the GPU)
         sizes = None
@@ -315,7 +320,7 @@ class Engine:
         if self.config is None or (self.config.preset is None and self.config.ckpt_dir is None):
             raise RuntimeError("this engine was built from components and cannot reload its DiT for other LoRAs")
         config = replace(self.config, loras=loras)
-        config.check_loras()
+        config.check_loras(arch=self.arch)
         ckpt_dir, _, mt_dir = config.resolved_dirs()
         home = torch.device("cpu") if self.placement.offload and self.device.type != "cpu" else self.device
         if self.transformer is not None:

@@ -27,7 +27,7 @@ from multitalk.pipeline.clips import plan_clips
 from multitalk.pipeline.color import ColorMatcher
 from multitalk.pipeline.conditioning import (draw_noise, frame_mask, motion_latent_frames,
                                              padded_condition_video, renoise)
-from multitalk.pipeline.denoiser import LocalDenoiser
+from multitalk.pipeline.denoiser import LocalDenoiser, _untimed
 from multitalk.pipeline.engine import Engine
 from multitalk.pipeline.guidance import GuidanceState
 from multitalk.pipeline.inputs import GenerationParams, InputSpec
@@ -138,10 +138,6 @@ def prepare_conditions(engine: Engine, spec: InputSpec, params: GenerationParams
 StageHook = Callable[[str], contextlib.AbstractContextManager]
 
 
-def _untimed(name: str) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
-
-
 def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
              on_frames: Callable[[torch.Tensor], None],
              progress: Callable[[Progress], None] | None = None,
@@ -189,7 +185,7 @@ def generate(engine: Engine, spec: InputSpec, params: GenerationParams, *,
     teacache = (TeaCache(steps, params.teacache_thresh, params.size, branches=guidance_branches)
                 if params.use_teacache else None)
     dit = engine.transformer
-    denoiser = (engine.parallel.denoiser(dit, params, teacache, guidance_branches, stage=stage)
+    denoiser = (engine.parallel.denoiser(dit, teacache, guidance_branches, stage=stage)
                 if engine.parallel is not None else LocalDenoiser(dit, teacache, stage=stage))
     cond_frames = reference                         # [3, n_cond, H, W]
     written = 0

@@ -193,11 +193,6 @@ class InputSpec(BaseModel):
         """Non-fatal problems found while validating (unknown keys, defaults applied)."""
         return list(self._warnings)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "InputSpec":
-        """Validate an input given as a dict; a problem raises a one-line :class:`UserInputError`."""
-        return _validate(cls, data)
-
     @property
     def uses_tts(self) -> bool:
         """True when the speech must be synthesised from ``tts_audio`` (no ``cond_audio``)."""

@@ -24,7 +24,6 @@ itself; rank 0 sends the decisions, and each process keeps the residuals of the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from multitalk.errors import ParallelError, UserInputError
-from multitalk.pipeline.denoiser import dit_call
+from multitalk.pipeline.denoiser import _untimed, dit_call
 from multitalk.pipeline.engine import Engine, EngineConfig, load_dit, prepare_dit
 from multitalk.pipeline.teacache import TeaCache
 from multitalk.runtime.parallel.channel import broadcast_message, recv_tensor, send_tensor
@@ -113,7 +112,7 @@ class ParallelRuntime:
     def plan(self, branches: int) -> ParallelPlan:
         return choose_plan(self.mode, self.group.world, branches, self.heads)
 
-    def denoiser(self, dit, params, teacache: TeaCache | None, branches: int, stage=None) -> "ParallelDenoiser":
+    def denoiser(self, dit, teacache: TeaCache | None, branches: int, stage=None) -> "ParallelDenoiser":
         return ParallelDenoiser(self, dit, self.plan(branches), teacache, stage)
 
     def layouts(self, plan: ParallelPlan) -> Layouts:
@@ -134,7 +133,7 @@ class ParallelDenoiser:
 
     def __init__(self, runtime: ParallelRuntime, dit, plan: ParallelPlan, teacache: TeaCache | None, stage=None):
         self.runtime, self.group, self.dit, self.plan, self.teacache = runtime, runtime.group, dit, plan, teacache
-        self.stage = stage or (lambda name: contextlib.nullcontext())   # "dit": a whole step's DiT work here
+        self.stage = stage or _untimed   # "dit": a whole step's DiT work here
         with self.group.guard("starting the job"):
             self.group.post_job(Job(plan, teacache is not None))
             self.executor = BranchExecutor(dit, 0, plan, runtime.layouts(plan))
@@ -254,7 +253,7 @@ def load_parallel_engine(config: EngineConfig, *, dit_factory=None, engine_facto
     if dit_factory is None:
         config.resolved_dirs()                  # a missing folder is the user's error, before any process starts
     base = resolve_device(config.device)
-    concurrency = max(1, int(os.environ.get(LOAD_CONCURRENCY_ENV, "1")))
+    concurrency = _load_concurrency()
     if under_torchrun():
         group = ParallelGroup.from_env(base.type)
         if config.gpus > 1 and config.gpus != group.world:
@@ -284,7 +283,7 @@ def load_parallel_engine(config: EngineConfig, *, dit_factory=None, engine_facto
 def serve_from_env(config: EngineConfig) -> None:
     """A non-zero rank of a ``torchrun`` launch: serve rank 0 until it stops (then return)."""
     group = ParallelGroup.from_env(resolve_device(config.device).type)
-    concurrency = max(1, int(os.environ.get(LOAD_CONCURRENCY_ENV, "1")))
+    concurrency = _load_concurrency()
     try:
         serve(group, config, concurrency)
     except BaseException as exc:
@@ -292,6 +291,11 @@ def serve_from_env(config: EngineConfig) -> None:
         raise
     finally:
         group.close()
+
+
+def _load_concurrency() -> int:
+    """How many servants may stream their weights at once (``MULTITALK_PARALLEL_LOAD_CONCURRENCY``)."""
+    return max(1, int(os.environ.get(LOAD_CONCURRENCY_ENV, "1")))
 
 
 def _wait_ready(group: ParallelGroup) -> None:

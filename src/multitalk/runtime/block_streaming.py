@@ -50,12 +50,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from multitalk.runtime.host_memory import HostCopy, tensor_bytes
+from multitalk.runtime.host_memory import HostCopy
 
 
 def spread(total: int, streamed: int) -> list[int]:
@@ -84,7 +84,6 @@ class StreamStats:
     bytes_copied: int = 0
     host_wait_s: float = 0.0           # time the host spent in before/after (bookkeeping, never a sync)
     uses: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class BlockStreamer:
@@ -99,11 +98,9 @@ class BlockStreamer:
             raise ValueError(f"streamed block indices {self.order} out of range 0..{len(blocks) - 1}")
         self.prefetch = max(1, int(prefetch))
         self.cuda = self.device.type == "cuda"
-        self.host = {i: HostCopy(blocks[i], pin=pin and self.cuda) for i in self.order}
-        signatures = {h.signature() for h in self.host.values()}
-        if len(signatures) > 1:
-            raise ValueError("streamed blocks must have the same tensor shapes and dtypes (one slot layout)")
-        self.block_bytes = next(iter(self.host.values())).nbytes if self.host else 0
+        self.pin = pin and self.cuda
+        self.host = {i: HostCopy(blocks[i], pin=self.pin) for i in self.order}
+        self._check_layout()
         self.stats = StreamStats()
         self._slots: list[_Slot] = []
         self._stream = None
@@ -119,10 +116,6 @@ class BlockStreamer:
     @property
     def host_bytes(self) -> int:
         return sum(h.nbytes for h in self.host.values())
-
-    @property
-    def slot_bytes(self) -> int:
-        return self.num_slots * self.block_bytes
 
     @property
     def pinned(self) -> bool:
@@ -247,19 +240,25 @@ class BlockStreamer:
         new = sorted(set(int(i) for i in streamed))
         for i in new:
             if i not in self.host:
-                self.host[i] = HostCopy(self.blocks[i], pin=self.cuda)
+                self.host[i] = HostCopy(self.blocks[i], pin=self.pin)
         for i in [i for i in self.order if i not in new]:
             self._make_resident(i)
         self.order = new
-        signatures = {h.signature() for h in self.host.values()}
-        if len(signatures) > 1:
+        self._check_layout()
+        if self._hooks:
+            self._remove_hooks()
+            self.attach_hooks()
+
+    def _check_layout(self) -> None:
+        """All streamed blocks share one slot layout; ``block_bytes`` is one block's host copy."""
+        if len({h.signature() for h in self.host.values()}) > 1:
             raise ValueError("streamed blocks must have the same tensor shapes and dtypes (one slot layout)")
         self.block_bytes = next(iter(self.host.values())).nbytes if self.host else 0
-        if self._hooks:
-            for h in self._hooks:
-                h.remove()
-            self._hooks = []
-            self.attach_hooks()
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def _make_resident(self, i: int) -> None:
         host = self.host.pop(i)
@@ -272,9 +271,7 @@ class BlockStreamer:
         """Give the host copies and slots up without copying anything back (the model is being
         thrown away, e.g. reloaded for other LoRAs)."""
         self.end()
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._remove_hooks()
         for host in self.host.values():
             host.close()
         self.host, self.order = {}, []
@@ -282,14 +279,7 @@ class BlockStreamer:
     def detach(self) -> None:
         """Remove hooks, make every streamed block resident on the device again, free the host copies."""
         self.end()
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._remove_hooks()
         for i in self.order:
             self._make_resident(i)
         self.host, self.order = {}, []
-
-
-def block_bytes(block: nn.Module) -> int:
-    """Bytes one block takes in a host copy or a slot."""
-    return tensor_bytes(block)

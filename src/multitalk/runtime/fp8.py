@@ -73,8 +73,7 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"matmul must be one of {MATMUL_MODES}, got {matmul!r}")
         if linear is not None:
             out_dtype = out_dtype or linear.weight.dtype
-            weight_fp8, scale = quantize_weight(linear.weight.detach())
-            weight_scale = scale.reshape(1, -1)
+            weight_fp8, weight_scale = quantize_weight(linear.weight.detach())
             bias = linear.bias.detach() if linear.bias is not None else None
         elif weight_fp8 is None or weight_scale is None:
             raise ValueError("give a linear, or weight_fp8 and weight_scale")
@@ -104,7 +103,7 @@ class Fp8Linear(nn.Module):
                 f"matmul={self.matmul}")
 
 
-def _fits_fp8(module: nn.Linear) -> bool:
+def _fits_fp8(module: nn.Linear | Fp8Linear) -> bool:
     """``torch._scaled_mm`` needs both matrix dimensions divisible by 16."""
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
@@ -162,10 +161,10 @@ def quantize_linears_fp8(model: nn.Module, include: Callable[[str, nn.Linear], b
             if scales is None or name not in scales:
                 raise ValueError(f"{name} holds e4m3 weights but no scale was recorded for it")
             bias = module.bias.detach() if module.bias is not None else None
-            new = Fp8Linear(out_dtype=out_dtype or torch.bfloat16, matmul=mode, weight_fp8=module.weight.detach(),
+            new = Fp8Linear(out_dtype=out_dtype, matmul=mode, weight_fp8=module.weight.detach(),
                             weight_scale=scales.pop(name), bias=bias)
         else:
-            new = Fp8Linear(module, out_dtype=out_dtype or module.weight.dtype, matmul=mode)
+            new = Fp8Linear(module, out_dtype=out_dtype, matmul=mode)
         setattr(parent, leaf, new)
         del module
     return len(names)
@@ -198,7 +197,6 @@ def set_fp8_matmul(model: nn.Module, matmul: str) -> int:
     n = 0
     for module in model.modules():
         if isinstance(module, Fp8Linear):
-            fits = module.in_features % 16 == 0 and module.out_features % 16 == 0
-            module.matmul = matmul if fits else "dequant"
+            module.matmul = matmul if _fits_fp8(module) else "dequant"
             n += module.matmul == "scaled_mm"
     return n

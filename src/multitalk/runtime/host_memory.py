@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -77,30 +77,36 @@ class HostBuffer:
             finalizer()
 
 
-def module_tensors(module: nn.Module, skip: Callable[[str], bool] = lambda name: False
-                   ) -> list[tuple[str, torch.Tensor]]:
+def _aligned_nbytes(t: torch.Tensor) -> int:
+    return _round_up(t.numel() * t.element_size(), ALIGN)
+
+
+def unique_tensors(module: nn.Module, skip: Callable[[str], bool] = lambda name: False
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of every parameter and buffer of ``module``, each tensor object once
     (tied weights share one object), ``None`` entries and names ``skip`` selects left out."""
-    out, seen = [], set()
+    seen = set()
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
         if t is None or id(t) in seen or skip(name):
             continue
+        seen.add(id(t))
+        yield name, t
+
+
+def module_tensors(module: nn.Module, skip: Callable[[str], bool] = lambda name: False
+                   ) -> list[tuple[str, torch.Tensor]]:
+    """:func:`unique_tensors` as a list; a tensor still on the ``meta`` device is an error."""
+    out = []
+    for name, t in unique_tensors(module, skip):
         if t.device.type == "meta":
             raise ValueError(f"{name} is still on the meta device (not loaded)")
-        seen.add(id(t))
         out.append((name, t))
     return out
 
 
 def tensor_bytes(module: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> int:
     """Bytes of ``module``'s tensors as :class:`HostCopy` would hold them (meta tensors included)."""
-    total, seen = 0, set()
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t is None or id(t) in seen or skip(name):
-            continue
-        seen.add(id(t))
-        total += _round_up(t.numel() * t.element_size(), ALIGN)
-    return total
+    return sum(_aligned_nbytes(t) for _, t in unique_tensors(module, skip))
 
 
 class HostCopy:
@@ -116,7 +122,7 @@ class HostCopy:
         offsets, total = [], 0
         for _, t in entries:
             offsets.append(total)
-            total += _round_up(t.numel() * t.element_size(), ALIGN)
+            total += _aligned_nbytes(t)
         self.buffer = HostBuffer(total, pin=pin)
         self.names = [name for name, _ in entries]
         self.tensors = [t for _, t in entries]
@@ -190,4 +196,9 @@ class PerUseWeights:
         """Make the module resident on ``device`` for good and give the host copy up."""
         self.onload()
         self._on_device = None
+        self.host.close()
+
+    def discard(self) -> None:
+        """Drop the device copy and give the host copy up (the module is being thrown away)."""
+        self.offload()
         self.host.close()

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from multitalk.errors import MemoryPlanError
+from multitalk.models.architecture import FULL_14B
 from multitalk.runtime.block_streaming import spread
 
 GIB = 2**30
@@ -112,8 +113,8 @@ class Workload:
     frames: int = 81
     speakers: int = 2
     audio_seconds: float = 10.0
-    vae_stride: tuple[int, int, int] = (4, 8, 8)
-    patch: tuple[int, int] = (2, 2)
+    vae_stride: tuple[int, int, int] = FULL_14B.vae_stride
+    patch: tuple[int, int] = FULL_14B.dit.patch_size[1:]
 
     @property
     def tokens(self) -> int:
@@ -260,13 +261,10 @@ def plan_memory(budget: int, sizes: ModelSizes, workload: Workload = DEFAULT_WOR
         return MemoryPlan(budget, weights, n, tuple(spread(n, streamed)), prefetch, dict(place), phases,
                           workload, _host_bytes(sizes, weights, streamed, place), source)
 
-    def text_choices() -> list[str]:
-        return ["per_use", "streamed", "cpu"]
-
     candidates = []
     if not offload:
         candidates.append({c: "gpu" for c in COMPONENTS})
-    for text in text_choices():
+    for text in ("per_use", "streamed", "cpu"):
         candidates.append({"text_encoder": text, "image_encoder": "per_use", "vae": "per_use",
                            "audio_encoder": "per_use"})
     # most resident blocks first; among equal, the earlier (faster) placement
@@ -290,7 +288,7 @@ def _too_small(budget: int, sizes: ModelSizes, w: Workload, weights: str, fixed:
         return _fits(budget, sizes, **args)
 
     if fixed:
-        fix = f"lower --num_persistent_param_in_dit (0 streams every block)"
+        fix = "lower --num_persistent_param_in_dit (0 streams every block)"
         if fits(resident=0):
             fix = f"--num_persistent_param_in_dit 0 (or below {resident * sizes.dit_block_params:,})"
     elif weights == "bf16" and fits(weights="fp8"):

@@ -22,18 +22,14 @@ A model without a policy keeps the old behaviour: moved to the device on entry a
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from multitalk.runtime.block_streaming import BlockStreamer
-from multitalk.runtime.host_memory import HostCopy, PerUseWeights
-
-log = logging.getLogger(__name__)
-
 from multitalk.errors import UserInputError
+from multitalk.runtime.block_streaming import BlockStreamer
+from multitalk.runtime.host_memory import PerUseWeights, unique_tensors
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -132,8 +128,7 @@ class _PerUse:
         self.weights.release()
 
     def discard(self) -> None:
-        self.weights.offload()
-        self.weights.host.close()
+        self.weights.discard()
 
     @property
     def host_bytes(self) -> int:
@@ -148,8 +143,7 @@ class _Streamed:
 
     def __init__(self, module: nn.Module, blocks: nn.ModuleList, prefix: str, streamed: Sequence[int],
                  device: torch.device, prefetch: int, other: str, hooks: bool):
-        self.module, self.blocks, self.prefix, self.device = module, blocks, prefix, device
-        self.prefetch, self.hooks = prefetch, hooks
+        self.module, self.hooks = module, hooks
         # blocks first: each streamed block is packed from wherever it is, freeing device memory
         self.streamer = BlockStreamer(blocks, streamed, device, prefetch=prefetch)
         for i, block in enumerate(blocks):
@@ -178,7 +172,7 @@ class _Streamed:
 
     def restream(self, streamed: Sequence[int], prefetch: int) -> None:
         self.streamer.restream(streamed)
-        self.streamer.prefetch = self.prefetch = max(1, int(prefetch))
+        self.streamer.prefetch = max(1, int(prefetch))
 
     def release(self) -> None:
         self.streamer.detach()
@@ -192,8 +186,7 @@ class _Streamed:
         if not self.hooks:
             self.module.block_streamer = None
         if self.other is not None:
-            self.other.offload()
-            self.other.host.close()
+            self.other.discard()
 
     @property
     def host_bytes(self) -> int:
@@ -202,11 +195,7 @@ class _Streamed:
 
 def _move_except(module: nn.Module, device: torch.device, skip: Callable[[str], bool]) -> None:
     """Move every tensor of ``module`` whose name ``skip`` does not select to ``device``."""
-    seen = set()
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t is None or id(t) in seen or skip(name):
-            continue
-        seen.add(id(t))
+    for _, t in list(unique_tensors(module, skip)):
         if t.device != device:
             t.data = t.data.to(device)
 
@@ -217,7 +206,6 @@ class Placement:
     def __init__(self, device: torch.device, offload: bool = False):
         self.device = device
         self.offload = offload and device.type != "cpu"
-        self.plan = None
         self._policies: dict[int, object] = {}
 
     # -- policies ----------------------------------------------------------------------------------
@@ -287,7 +275,6 @@ class Placement:
         order = [n for n, k in wanted.items() if k != "gpu"] + ["dit"] + [n for n, k in wanted.items() if k == "gpu"]
         for name in order:
             place(name)
-        self.plan = plan
 
     @property
     def host_bytes(self) -> int:
@@ -319,4 +306,4 @@ class Placement:
             policy.exit()
 
 
-__all__ = ["HostCopy", "Placement", "configure_backends", "resolve_device", "resolve_dtype"]
+__all__ = ["Placement", "configure_backends", "resolve_device", "resolve_dtype"]

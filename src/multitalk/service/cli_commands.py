@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 DEFAULT_RUNNER = "multitalk.pipeline.runner:PipelineRunner"
 
 
-
-
 class Background:
     """The threads every service process runs beside its main job: webhook dispatcher and
     retention sweeper."""

@@ -183,10 +183,8 @@ class LocalJobs:
         try:
             # the job's LoRAs (a fast recipe) or none: the engine reloads its DiT only when the set
             # changes, so a quality job never runs with a LoRA merged by the job before it
-            from multitalk.models.lora import LoraSpec
-
             self._update(job_id, stage="loras" if params.loras else "conditioning")
-            self.engine.use_loras(tuple(LoraSpec(Path(lora.uri), lora.scale) for lora in params.loras))
+            self.engine.use_loras(tuple((lora.uri, lora.scale) for lora in params.loras))
             result = render(self.engine, spec, params, out, media=media, progress=progress,
                             should_cancel=lambda: job_id in self._cancel)
             job = self._update(job_id, status="succeeded", stage="done", progress=1.0, eta_s=0.0,

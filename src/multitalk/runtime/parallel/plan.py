@@ -40,10 +40,6 @@ def ulysses_fits(heads: int, degree: int) -> bool:
     return pad < (heads + pad) // degree
 
 
-def ulysses_needs_padding(heads: int, degree: int) -> bool:
-    return degree > 1 and heads % degree != 0
-
-
 @dataclass(frozen=True)
 class Round:
     """Branches that run at the same time: ``{group: branch}``; ``world``: one branch over all processes."""
@@ -121,4 +117,4 @@ def _fix(heads: int, world: int) -> str:
             else "use --parallel cfg or one GPU")
 
 
-__all__ = ["MODES", "ParallelPlan", "Round", "choose_plan", "ulysses_fits", "ulysses_needs_padding"]
+__all__ = ["MODES", "ParallelPlan", "Round", "choose_plan", "ulysses_fits"]

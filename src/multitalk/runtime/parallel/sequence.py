@@ -114,10 +114,6 @@ class Layout:
     parallel_config: ParallelConfig
     shard: SequenceShard
 
-    @property
-    def degree(self) -> int:
-        return self.shard.degree
-
 
 def make_layout(mesh, rank: int, world: int, device: torch.device, heads: int) -> Layout:
     """A :class:`Layout` over ``mesh`` (a DeviceMesh with dims ``("ring", "ulysses")``, ring size 1)."""
@@ -139,7 +135,6 @@ class Layouts:
     def __init__(self, plan: ParallelPlan, rank: int, device: torch.device, heads: int):
         from torch.distributed.device_mesh import init_device_mesh
 
-        self.plan = plan
         self.group: Layout | None = None
         self.world: Layout | None = None
         if plan.ulysses > 1:
@@ -191,9 +186,5 @@ def install(model: nn.Module, layout: Layout | None) -> None:
     model._multitalk_layout = layout
 
 
-def current_layout(model: nn.Module) -> Layout | None:
-    return getattr(model, "_multitalk_layout", None)
-
-
-__all__ = ["Layout", "Layouts", "SequenceShard", "current_layout", "install", "make_layout", "split_sizes"]
+__all__ = ["Layout", "Layouts", "SequenceShard", "install", "make_layout", "split_sizes"]
 
